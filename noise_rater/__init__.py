@@ -1,0 +1,26 @@
+"""NoiseRater: learned valuation of diffusion training noise, for diffusers."""
+
+__version__ = "0.1.0"
+
+from .modeling_noise_rater import NoiseRaterModel, NoiseRaterOutput
+from .sampling import (
+    AssignmentNoiseSampler,
+    KNNNoiseSampler,
+    NoiseSelectingSampler,
+    UniformNoiseSampler,
+    build_noise_sampler,
+)
+from .weighting import compute_snr, min_snr_weights, soft_weights
+
+__all__ = [
+    "NoiseRaterModel",
+    "NoiseRaterOutput",
+    "NoiseSelectingSampler",
+    "UniformNoiseSampler",
+    "KNNNoiseSampler",
+    "AssignmentNoiseSampler",
+    "build_noise_sampler",
+    "soft_weights",
+    "min_snr_weights",
+    "compute_snr",
+]
