@@ -675,3 +675,69 @@ def infinite_batches(loader: Iterable) -> Iterator[Any]:
             yield batch
         if empty:
             raise DataError("The data loader yielded no batch in a whole epoch (empty dataset or drop_last?).")
+
+
+class ResumableBatches:
+    """An endless, exactly resumable stream of batches from a map-style dataset.
+
+    Epoch e visits the items in the order ``torch.randperm(n, generator=manual_seed(seed + e))``,
+    split into ``num_shards`` disjoint strided shards (one per process, for data parallel) and cut
+    into batches of ``batch_size`` (the incomplete tail of an epoch is dropped). The position is
+    just ``(epoch, batch_index)``, so :meth:`state_dict` / :meth:`load_state_dict` resume the
+    stream at exactly the next batch. Random flips inside the dataset come from the global torch
+    RNG, which the training scripts checkpoint separately.
+
+    Yields dicts of stacked tensors: ``{"pixel_values": (B, C, H, W), ["class_labels": (B,)]}``.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True, shard: int = 0,
+                 num_shards: int = 1):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}.")
+        per_shard = len(dataset) // num_shards
+        if per_shard < batch_size:
+            raise DataError(
+                f"The dataset has {len(dataset)} item(s) ({per_shard} per process over {num_shards}), fewer than "
+                f"batch_size={batch_size}: there would be no batch. Lower the batch size or add data."
+            )
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, int(seed), shuffle
+        self.shard, self.num_shards = shard, num_shards
+        self.epoch, self.index = 0, 0
+        self._order = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (len(self.dataset) // self.num_shards) // self.batch_size
+
+    def _epoch_order(self) -> torch.Tensor:
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(n)
+        return order[self.shard::self.num_shards][: (n // self.num_shards)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self._epoch_order()
+        idx = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        items = [self.dataset[int(i)] for i in idx]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "shard": self.shard,
+                "num_shards": self.num_shards}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if (state["seed"], state["num_shards"]) != (self.seed, self.num_shards):
+            raise DataError(
+                f"Cannot resume the data stream: checkpoint has seed={state['seed']}, num_shards={state['num_shards']}, "
+                f"this run has seed={self.seed}, num_shards={self.num_shards}."
+            )
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None

@@ -17,12 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .bilevel import InnerState, meta_objective, unroll, validation_loss_at
+from .training_utils import NonFiniteError
 
 Batch = Mapping[str, torch.Tensor]
-
-
-class NonFiniteError(FloatingPointError):
-    """A non-finite loss, gradient or score, raised at the step it happens."""
 
 
 def add_noise_and_timesteps(
@@ -181,6 +178,9 @@ class MetaTrainer:
                 inner_lr=self.inner_lr, inner_optimizer=self.inner_optimizer, temperature=self.temperature,
                 state=state, truncate_window=self.truncate_window, return_inner=True,
             )
+            if not all(bool(torch.isfinite(w).all()) for w in inner.weights):
+                self._nonfinite(f"rater score (soft weights of inner model {m})")
+                return self._skipped(outer_losses)
             if not torch.isfinite(J):
                 self._nonfinite(f"meta-loss (validation loss of inner model {m})")
                 return self._skipped(outer_losses)
