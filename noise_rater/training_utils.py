@@ -118,14 +118,17 @@ def load_json_config(path: str, what: str, default_name: str = "config.json") ->
 
 
 def default_unet_config(resolution: int, channels: int) -> Dict[str, Any]:
-    """A small UNet2DModel (~0.45M parameters at 1 channel) that trains in seconds per step on CPU."""
+    """A small UNet2DModel (0.69M parameters at 1 channel, 0.70M below 16 px) that trains on CPU.
+
+    Three levels (16, 32, 64 channels; attention at the lowest) from 16 px up, two (32, 64) below.
+    """
     deep = resolution >= 16
     return dict(
         sample_size=resolution,
         in_channels=channels,
         out_channels=channels,
         layers_per_block=1,
-        block_out_channels=(32, 64, 64) if deep else (32, 64),
+        block_out_channels=(16, 32, 64) if deep else (32, 64),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D") if deep else ("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D") if deep else ("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
