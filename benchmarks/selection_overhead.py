@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UNETS = {
     "1.1M": dict(block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
-    "3.6M": dict(block_out_channels=(64, 128, 128), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "4.4M": dict(block_out_channels=(64, 128, 128), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
 }
 
@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--num_candidates", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--unets", nargs="+", default=["1.1M", "3.6M"])
+    ap.add_argument("--unets", nargs="+", default=["1.1M", "4.4M"])
     ap.add_argument("--output", default=os.path.join(HERE, "results", "selection_overhead.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
