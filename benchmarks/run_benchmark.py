@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--fd_samples", type=int, default=300)
     ap.add_argument("--fd_real", type=int, default=1000)
     ap.add_argument("--fd_inference_steps", type=int, default=25)
+    ap.add_argument("--stage1_only", action="store_true", help="Only meta-train the rater.")
     ap.add_argument("--runs_dir", default=os.path.join(HERE, "runs"))
     ap.add_argument("--results_dir", default=os.path.join(HERE, "results"))
     a = ap.parse_args()
@@ -121,6 +122,8 @@ def main():
         with open(rater_json, "w") as f:
             json.dump(info, f, indent=2)
 
+    if a.stage1_only:
+        return
     # ---- stage 2 ---------------------------------------------------------------------------------
     real = None
     for seed in a.seeds:
