@@ -160,3 +160,27 @@ def test_two_processes_keep_rater_identical(tmp_path):
     assert summary["world_size"] == 2 and summary["ranks_consistent"] is True
     assert validate_checkpoint(str(out / "checkpoint-3"))
     assert (out / "checkpoint-3" / "rank1.pt").exists()
+
+
+@pytest.mark.slow
+def test_corrupted_checkpoint_explicit_fails_latest_falls_back(tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset_name", "digits", "--checkpointing_steps", "2", *common(tmp_path, out, steps=4)]
+    run(args)
+    # corrupt the newest checkpoint's rater weights (same size, flipped bytes)
+    f = out / "checkpoint-4" / "rater.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10:] = bytes(255 - b for b in data[-10:])
+    f.write_bytes(bytes(data))
+    p = run([*args, "--resume_from_checkpoint", str(out / "checkpoint-4")], check=False)
+    assert p.returncode == 2 and "rater.safetensors" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    p = run([*args, "--max_train_steps", "5", "--resume_from_checkpoint", "latest"])
+    assert "checkpoint-2" in p.stderr and "rater.safetensors" in p.stderr  # the fallback is announced
+    rows = [json.loads(l) for l in (out / "meta_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_builtin_dataset_not_installed(tmp_path):
+    env = {**os.environ, "NOISE_RATER_FASHION_MNIST_DIR": str(tmp_path / "nowhere")}
+    p = run(["--dataset_name", "fashion_mnist", "--output_dir", str(tmp_path / "o")], check=False, env=env)
+    assert p.returncode == 2 and "apt-get install dataset-fashion-mnist" in p.stderr and "Traceback" not in p.stderr
