@@ -60,7 +60,7 @@ def load_results(results_dir):
 def first_step_reaching(curve, target):
     """First logged step whose value is <= target (curve: list of (step, value)), else None."""
     for step, v in curve:
-        if v is not None and v <= target:
+        if v is not None and v <= target * (1 + 1e-9):
             return step
     return None
 

@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--resolution", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--learning_rate", type=float, default=1e-3)
     ap.add_argument("--validation_steps", type=int, default=100)
@@ -189,8 +189,10 @@ def collect(out, method, seed, a, real):
                               scheduler="ddim", seed=1234, fd_method="eigh", kid_subset_size=min(300, a.fd_samples))
         fd[str(step)] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     return {"method": method, "seed": seed, "steps": a.steps, "val_curve": curve,
-            "final": {k: v for k, v in final.items() if k.startswith("val_loss")},
-            "fd": fd, "wall_time_train_s": final.get("wall_time_s"), "select_time_s": final.get("select_time_s"),
+            "final": {k[len("final_"):]: v for k, v in final.items() if k.startswith("final_val_loss")},
+            # selection + training compute over all steps (cumulative across resumes; excludes validation)
+            "fd": fd, "wall_time_train_s": final["select_time_s"] + final["train_time_s"],
+            "select_time_s": final.get("select_time_s"),
             "train_time_s": final.get("train_time_s"), "skipped_steps": final.get("skipped_steps")}
 
 

@@ -1,0 +1,957 @@
+#!/usr/bin/env python
+"""Stage 2 of NoiseRater: train a diffusion model (``UNet2DModel`` + ``DDPMScheduler``) with hard noise selection.
+
+Modelled on diffusers' ``examples/unconditional_image_generation/train_unconditional.py``: same flags where the
+two overlap, an ``Accelerator`` for devices / mixed precision / multi-process data parallel, ``EMAModel``,
+``get_scheduler``, checkpoints every ``--checkpointing_steps`` and a ``DDPMPipeline`` saved in ``--output_dir``
+at the end. What is different:
+
+* the training noise eps of every sample is picked by a noise selector (``--noise_selection``): plain Gaussian
+  (``uniform``), nearest of N candidates (``knn``), Immiscible-Diffusion batch assignment (``assignment``), or a
+  frozen NoiseRater (``rater``; ``--selection_rule`` argmax / softmax / importance);
+* optional per-sample loss weights (``--loss_weighting``): Min-SNR-gamma, or soft weights from the rater's scores;
+* the data stream is exactly resumable and checkpoints hold every RNG state, so a run stopped at step k and
+  resumed with ``--resume_from_checkpoint latest`` ends bit-identical (on CPU) to an uninterrupted run;
+* a held-out validation loss under *standard Gaussian* noise on fixed (x0, eps, t) triples (the same for every
+  method and run), overall and per timestep band.
+
+Examples::
+
+    accelerate launch train_diffusion_hard.py --dataset_name fashion_mnist --resolution 28 \\
+        --output_dir runs/uniform --noise_selection uniform --max_train_steps 20000 --use_ema
+
+    accelerate launch train_diffusion_hard.py --dataset_name fashion_mnist --resolution 28 \\
+        --output_dir runs/rater --noise_selection rater --rater_model_name_or_path runs/rater-stage1 \\
+        --num_candidate_noises 8 --selection_rule argmax --max_train_steps 20000 --use_ema
+
+Outputs in ``--output_dir``: the ``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``),
+``samples_final.png``, ``final_metrics.json``, ``plot_loss.png``, ``metrics.jsonl`` (every step),
+``validation.jsonl``, ``checkpoint-N/`` + ``latest``, ``samples/`` (with ``--save_images_steps``) and
+``logs/`` (tensorboard).
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noise_rater.checkpointing import (
+    CheckpointError,
+    capture_rng_state,
+    load_module_state,
+    load_torch_state,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    save_module_state,
+    save_torch_state,
+)
+from noise_rater.data import BUILTIN_DATASETS, DataError, ResumableBatches, prepare_datasets
+from noise_rater.diffusion import per_sample_diffusion_loss, sample_timesteps
+from noise_rater.training_utils import (
+    NonFiniteError,
+    SkipCounter,
+    UsageError,
+    add_data_args,
+    add_diffusion_args,
+    add_run_args,
+    append_jsonl,
+    check_finite,
+    check_positive,
+    grad_norm,
+    load_json_config,
+    resolve_unet_config,
+    validate_common_args,
+    write_json,
+)
+
+SCRIPT_NAME = "train_diffusion_hard"
+NOISE_SELECTIONS = ("uniform", "rater", "knn", "assignment")
+SELECTION_RULES = ("argmax", "softmax", "importance")
+LOSS_WEIGHTINGS = ("uniform", "min_snr", "rater_soft")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+NUM_GRID_IMAGES = 16
+
+logger = logging.getLogger(SCRIPT_NAME)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Train a diffusion model (UNet2DModel + DDPMScheduler) with hard noise selection "
+                    "(NoiseRater stage 2)."
+    )
+    add_data_args(parser)
+    add_diffusion_args(parser)
+    add_run_args(parser)
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="Fine-tune an existing DDPMPipeline (folder or hub id; its unet/) or a UNet2DModel folder.")
+    g.add_argument("--num_channels", type=int, default=None, choices=[1, 3],
+                   help="Image channels; default: the model config's in_channels, else 1 for the built-in data sets "
+                        f"({', '.join(BUILTIN_DATASETS)}) and 3 otherwise.")
+
+    g = parser.add_argument_group("optimisation (as in train_unconditional.py)")
+    g.add_argument("--num_epochs", type=int, default=100, help="Used when --max_train_steps is not given.")
+    g.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--adam_beta1", type=float, default=0.95)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-6)
+    g.add_argument("--adam_epsilon", type=float, default=1e-08)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; <= 0 disables clipping.")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights (used for samples and saved).")
+    g.add_argument("--ema_max_decay", type=float, default=0.9999)
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    g.add_argument("--ema_power", type=float, default=3 / 4)
+
+    g = parser.add_argument_group("noise selection and loss weighting")
+    g.add_argument("--noise_selection", type=str, default="uniform", choices=NOISE_SELECTIONS)
+    g.add_argument("--rater_model_name_or_path", type=str, default=None,
+                   help="A trained NoiseRaterModel (folder or hub id), for --noise_selection rater or "
+                        "--loss_weighting rater_soft.")
+    g.add_argument("--num_candidate_noises", type=int, default=8, help="N candidates per sample (rater, knn).")
+    g.add_argument("--selection_rule", type=str, default="argmax", choices=SELECTION_RULES,
+                   help="How the rater's scores pick one candidate; 'importance' reweights to stay unbiased.")
+    g.add_argument("--selection_temperature", type=float, default=1.0, help="tau of the softmax selection rules.")
+    g.add_argument("--loss_weighting", type=str, default="uniform", choices=LOSS_WEIGHTINGS)
+    g.add_argument("--snr_gamma", type=float, default=5.0, help="gamma of --loss_weighting min_snr.")
+    g.add_argument("--rater_temperature", type=float, default=1.0,
+                   help="tau of --loss_weighting rater_soft: w = B softmax(s / tau) over the batch.")
+
+    g = parser.add_argument_group("validation and samples")
+    g.add_argument("--validation_steps", type=int, default=250,
+                   help="Held-out loss (standard Gaussian noise) every N steps and at the end.")
+    g.add_argument("--num_validation_triples", type=int, default=512)
+    g.add_argument("--validation_seed", type=int, default=1234,
+                   help="Seed of the fixed validation (x0, eps, t) triples; keep it equal across compared runs.")
+    g.add_argument("--save_images_steps", type=int, default=None,
+                   help="Save a sample grid every N steps (default: only at the end).")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for the sample grids.")
+    g.add_argument("--eval_batch_size", type=int, default=64)
+    g.add_argument("--dry_run", action="store_true", help="Print the resolved configuration as JSON and exit.")
+    return parser.parse_args(input_args)
+
+
+def check_args(args) -> None:
+    """All flag checks (shared + this script's); raises :class:`UsageError`."""
+    validate_common_args(args)
+    check_positive(args, "num_epochs", "num_candidate_noises", "selection_temperature", "snr_gamma",
+                   "rater_temperature", "validation_steps", "num_validation_triples", "save_images_steps",
+                   "num_inference_steps", "eval_batch_size", "ema_inv_gamma")
+    check_positive(args, "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "ema_power", allow_zero=True)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)!r}")
+    if not 0.0 <= args.ema_max_decay <= 1.0:
+        raise UsageError(f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay!r}")
+    if not math.isfinite(args.max_grad_norm):
+        raise UsageError(f"--max_grad_norm must be finite, got {args.max_grad_norm!r}")
+    if args.noise_selection == "rater" and not args.rater_model_name_or_path:
+        raise UsageError("--noise_selection rater needs --rater_model_name_or_path (a trained NoiseRaterModel).")
+    if args.loss_weighting == "rater_soft" and not args.rater_model_name_or_path:
+        raise UsageError("--loss_weighting rater_soft needs --rater_model_name_or_path (a trained NoiseRaterModel).")
+    if args.pretrained_model_name_or_path and args.model_config_name_or_path:
+        raise UsageError("Give at most one of --pretrained_model_name_or_path and --model_config_name_or_path.")
+    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
+        raise UsageError(f"--report_to must be tensorboard, wandb, all or none, got {args.report_to!r}")
+
+
+def _pretrained_unet_location(path: str):
+    """``(path, subfolder)`` of the UNet of a DDPMPipeline (``unet/``) or a bare UNet2DModel folder / hub id."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "unet", "config.json")):
+            return path, "unet"
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path, None
+        raise UsageError(f"--pretrained_model_name_or_path {path!r} holds neither unet/config.json nor config.json.")
+    from diffusers import UNet2DModel
+
+    for sub in ("unet", None):  # a hub id: a pipeline repo first, then a bare model repo
+        try:
+            UNet2DModel.load_config(path, subfolder=sub)
+            return path, sub
+        except (OSError, ValueError):
+            continue
+    raise UsageError(f"--pretrained_model_name_or_path {path!r}: no UNet2DModel found (not a folder, not reachable).")
+
+
+def _pretrained_unet_config(args) -> dict:
+    from diffusers import UNet2DModel
+
+    path, sub = _pretrained_unet_location(args.pretrained_model_name_or_path)
+    try:
+        return dict(UNet2DModel.load_config(path, subfolder=sub))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--pretrained_model_name_or_path {path!r}: cannot read the UNet config ({e}).") from None
+
+
+def resolve_shapes(args):
+    """Image channels and resolution from the flags and the model config (no data, no model built).
+
+    Returns ``(num_channels, resolution, base_config)`` where ``base_config`` is the config JSON / the pretrained
+    UNet config (or None for the default config).
+    """
+    base = None
+    if args.pretrained_model_name_or_path:
+        base = _pretrained_unet_config(args)
+    elif args.model_config_name_or_path:
+        base = load_json_config(args.model_config_name_or_path, "--model_config_name_or_path")
+    cfg_channels = base.get("in_channels") if base else None
+    if args.num_channels is not None:
+        if cfg_channels is not None and cfg_channels != args.num_channels:
+            raise UsageError(
+                f"--num_channels {args.num_channels} contradicts the model config's in_channels={cfg_channels}."
+            )
+        channels = args.num_channels
+    elif cfg_channels is not None:
+        channels = int(cfg_channels)
+    else:
+        builtin = args.dataset_name is not None and args.dataset_name.replace("-", "_") in BUILTIN_DATASETS
+        channels = 1 if builtin else 3
+    if channels not in (1, 3):
+        raise UsageError(f"Images must have 1 or 3 channels; the model config asks for {channels}.")
+    resolution = args.resolution
+    if resolution is None:
+        size = base.get("sample_size") if base else None
+        resolution = int(size if isinstance(size, int) else (size[0] if size else 28))
+    return channels, resolution, base
+
+
+def dry_run_config(args) -> dict:
+    channels, resolution, base = resolve_shapes(args)
+    if args.pretrained_model_name_or_path:
+        unet_config = {k: v for k, v in base.items() if not k.startswith("_")}
+    else:
+        unet_config = resolve_unet_config(args.model_config_name_or_path, resolution, channels, None)
+        if args.class_conditional:
+            unet_config["num_class_embeds"] = "from the data set's number of classes"
+    return {
+        "script": SCRIPT_NAME,
+        "args": vars(args),
+        "resolved": {
+            "num_channels": channels,
+            "resolution": resolution,
+            "unet_config": unet_config,
+            "scheduler": {"class": "DDPMScheduler", "num_train_timesteps": args.ddpm_num_steps,
+                          "beta_schedule": args.ddpm_beta_schedule, "prediction_type": args.prediction_type},
+            "max_train_steps": args.max_train_steps
+            if args.max_train_steps is not None else f"{args.num_epochs} epochs x batches per epoch (from the data)",
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers: RNG isolation, JSONL bookkeeping, grids, plots
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def isolated_torch_rng():
+    """Run a block (validation, sampling) without touching the global torch CPU / CUDA RNG streams."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def truncate_jsonl(path: str, max_step: int) -> None:
+    """Drop records with ``step > max_step`` (written after the checkpoint a run resumes from)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if int(rec.get("step", 0)) <= max_step:
+                keep.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(line + "\n" for line in keep)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str):
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return out
+
+
+def _finite_or_none(x):
+    return x if x is not None and math.isfinite(x) else None
+
+
+@torch.no_grad()
+def sample_images(unet, scheduler_config, num_images, *, num_inference_steps, seed, batch_size, class_labels=None):
+    """DDIM (eta = 0) samples from ``unet``, as ``DDPMPipeline`` with a DDIM scheduler does, plus class labels.
+
+    Returns float32 `(N, C, H, W)` in [0, 1] on CPU. Uses its own CPU generator seeded with ``seed``.
+    """
+    from diffusers import DDIMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    size = unet.config.sample_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    was_training = unet.training
+    unet.eval()
+    out = []
+    try:
+        for start in range(0, num_images, batch_size):
+            bs = min(batch_size, num_images - start)
+            image = randn_tensor((bs, unet.config.in_channels) + hw, generator=generator, device=device, dtype=dtype)
+            labels = None if class_labels is None else class_labels[start:start + bs].to(device)
+            for t in scheduler.timesteps:
+                if labels is None:
+                    model_output = unet(image, t).sample
+                else:
+                    model_output = unet(image, t, class_labels=labels).sample
+                image = scheduler.step(model_output, t, image, generator=generator).prev_sample
+            out.append((image / 2 + 0.5).clamp(0, 1).float().cpu())
+    finally:
+        if was_training:
+            unet.train()
+    return torch.cat(out)
+
+
+def save_image_grid(images01: torch.Tensor, path: str) -> None:
+    """`(N, C, H, W)` in [0, 1] -> one PNG grid (ceil(sqrt(N)) columns, 2 px padding)."""
+    from PIL import Image
+
+    n, c, h, w = images01.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    pad = 2
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    arr = (images01.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = arr[i]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+def plot_losses(output_dir: str, path: str) -> None:
+    """Train loss (raw and smoothed) and validation loss vs step, from metrics.jsonl / validation.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
+             if r.get("loss") is not None]
+    val = read_jsonl(os.path.join(output_dir, "validation.jsonl"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        steps = np.array([s for s, _ in train])
+        losses = np.array([v for _, v in train])
+        window = max(1, min(100, len(losses) // 20))
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25 if window > 1 else 1.0, lw=0.8, label="train loss")
+        if window > 1:
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=1.5, label=f"train loss ({window}-step mean)")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:red",
+                label="validation loss" + (" (EMA)" if "val_loss_raw" in val[0] else ""))
+        if "val_loss_raw" in val[0]:
+            ax.plot([r["step"] for r in val], [r["val_loss_raw"] for r in val], "s--", color="tab:orange",
+                    label="validation loss (raw weights)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("diffusion loss")
+    if train or val:
+        vals = [v for _, v in train] + [r["val_loss"] for r in val]
+        if vals and min(vals) > 0:
+            ax.set_yscale("log")
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_unet(args, channels, resolution, num_classes):
+    from diffusers import UNet2DModel
+
+    if args.pretrained_model_name_or_path:
+        path, sub = _pretrained_unet_location(args.pretrained_model_name_or_path)
+        try:
+            unet = UNet2DModel.from_pretrained(path, subfolder=sub)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--pretrained_model_name_or_path {path!r}: cannot load the UNet ({e}).") from None
+        if unet.config.in_channels != channels:
+            raise UsageError(f"The pretrained UNet has in_channels={unet.config.in_channels}, the data {channels}.")
+        if args.class_conditional and unet.config.num_class_embeds != num_classes:
+            raise UsageError(
+                f"--class_conditional: the pretrained UNet has num_class_embeds={unet.config.num_class_embeds}, "
+                f"the data set has {num_classes} classes."
+            )
+        if not args.class_conditional and unet.config.num_class_embeds is not None:
+            raise UsageError(
+                "The pretrained UNet is class-conditional (num_class_embeds set); pass --class_conditional."
+            )
+        return unet
+    config = resolve_unet_config(args.model_config_name_or_path, resolution, channels,
+                                 num_classes if args.class_conditional else None)
+    if not args.class_conditional and config.get("num_class_embeds") is not None:
+        raise UsageError("The model config sets num_class_embeds; pass --class_conditional (labels are needed).")
+    try:
+        return UNet2DModel(**config)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"Bad UNet2DModel config: {e}") from None
+
+
+def load_rater(args, device):
+    """The frozen rater (for --noise_selection rater and/or --loss_weighting rater_soft) and its selector."""
+    from noise_rater.sampling import build_noise_sampler
+    from noise_rater.modeling_noise_rater import NoiseRaterModel
+
+    selector, rater = None, None
+    try:
+        if args.noise_selection == "rater":
+            selector = build_noise_sampler(
+                "rater", num_candidates=args.num_candidate_noises,
+                rater_model_name_or_path=args.rater_model_name_or_path, selection_rule=args.selection_rule,
+                temperature=args.selection_temperature, device=device,
+            )
+            rater = selector.rater
+        elif args.loss_weighting == "rater_soft":
+            rater = NoiseRaterModel.from_pretrained(args.rater_model_name_or_path).to(device)
+            rater = rater.eval().requires_grad_(False)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"--rater_model_name_or_path {args.rater_model_name_or_path!r}: cannot load the rater ({e})."
+        ) from None
+    if selector is None:
+        selector = build_noise_sampler(args.noise_selection, num_candidates=args.num_candidate_noises)
+    return selector, rater
+
+
+def check_rater(rater, channels, class_conditional):
+    if rater is None:
+        return
+    if rater.config.in_channels != channels:
+        raise UsageError(
+            f"The rater has in_channels={rater.config.in_channels}, the images have {channels} channel(s)."
+        )
+    if rater.config.num_class_embeds is not None and not class_conditional:
+        raise UsageError(
+            f"The rater is class-conditional (num_class_embeds={rater.config.num_class_embeds}); "
+            "pass --class_conditional."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_training_state(args, accelerator, step, unet, ema, optimizer, lr_scheduler, generator, batches, extra):
+    """Checkpoint ``output_dir/checkpoint-{step}``. Called on EVERY process (the RNG/data states are gathered);
+    only the main process writes, the others wait."""
+    from accelerate.utils import gather_object
+
+    rng_states = gather_object([capture_rng_state({"train": generator})])
+    data_states = gather_object([batches.state_dict()])
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+
+        def write_fn(tmp):
+            save_module_state(model, os.path.join(tmp, "unet.safetensors"))
+            if ema is not None:
+                save_torch_state(ema.state_dict(), os.path.join(tmp, "ema.pt"))
+            save_torch_state(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            save_torch_state(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+            if accelerator.scaler is not None:  # fp16 loss scaling
+                save_torch_state(accelerator.scaler.state_dict(), os.path.join(tmp, "grad_scaler.pt"))
+            for rank, state in enumerate(rng_states):
+                save_torch_state(state, os.path.join(tmp, f"rng_rank{rank}.pt"))
+            write_json(os.path.join(tmp, "training_state.json"),
+                       dict(extra, step=step, num_processes=accelerator.num_processes, data=data_states))
+            write_json(os.path.join(tmp, "args.json"), vars(args))
+
+        path = save_checkpoint(
+            args.output_dir, step, write_fn, total_limit=args.checkpoints_total_limit,
+            metadata={"script": SCRIPT_NAME, "step": step, "num_processes": accelerator.num_processes,
+                      "noise_selection": args.noise_selection, "loss_weighting": args.loss_weighting,
+                      "use_ema": bool(args.use_ema)},
+        )
+        logging.getLogger(SCRIPT_NAME).info("Saved checkpoint %s", path)
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, generator, batches):
+    """Restore everything :func:`save_training_state` wrote (on every process); returns the extra state dict."""
+    with open(os.path.join(path, "training_state.json")) as f:
+        state = json.load(f)
+    if state["num_processes"] != accelerator.num_processes:
+        raise CheckpointError(
+            f"Checkpoint {path} was written by {state['num_processes']} process(es); this run has "
+            f"{accelerator.num_processes}. Resume with the same number of processes."
+        )
+    rank = accelerator.process_index
+    load_module_state(accelerator.unwrap_model(unet), os.path.join(path, "unet.safetensors"))
+    if ema is not None:
+        ema_file = os.path.join(path, "ema.pt")
+        if not os.path.isfile(ema_file):
+            raise CheckpointError(f"Checkpoint {path} has no EMA state (ema.pt) but this run uses --use_ema.")
+        try:
+            ema.load_state_dict(load_torch_state(ema_file))
+        except ValueError as e:
+            raise CheckpointError(f"EMA state {ema_file} is malformed: {e}") from e
+        ema.to(accelerator.device)
+    try:
+        optimizer.load_state_dict(load_torch_state(os.path.join(path, "optimizer.pt")))
+        lr_scheduler.load_state_dict(load_torch_state(os.path.join(path, "lr_scheduler.pt")))
+        scaler_file = os.path.join(path, "grad_scaler.pt")
+        if accelerator.scaler is not None and os.path.isfile(scaler_file):
+            accelerator.scaler.load_state_dict(load_torch_state(scaler_file))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"Optimizer / lr scheduler state in {path} does not fit this run: {e}") from e
+    batches.load_state_dict(state["data"][rank])
+    rng = load_torch_state(os.path.join(path, f"rng_rank{rank}.pt"))
+    restore_rng_state(rng, {"train": generator})
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_validation_triples(args, validation, num_train_timesteps):
+    """Fixed (x0, eps, t) triples: images i % len(validation) for i < N, eps ~ N(0, I), stratified t.
+
+    Depends only on the validation split, N, T and ``--validation_seed``: identical for every method and run.
+    """
+    from noise_rater.evaluation import make_eval_triples
+
+    n = args.num_validation_triples
+    items = [validation[i % len(validation)] for i in range(n)]
+    x0 = torch.stack([it["pixel_values"] for it in items])
+    labels = torch.stack([it["class_labels"] for it in items]) if "class_labels" in items[0] else None
+    return make_eval_triples(x0, num_train_timesteps, seed=args.validation_seed, repeats=1, class_labels=labels)
+
+
+def run_validation(args, model, ema, noise_scheduler, triples):
+    """Held-out loss with the raw weights and (with EMA) the EMA weights; keys ``val_loss[_band_k]`` are the
+    weights that get saved (EMA if --use_ema), ``val_loss_raw[_band_k]`` the raw ones (only with EMA)."""
+    from noise_rater.evaluation import validation_loss
+
+    def flat(res, prefix):  # {"loss", "loss_band_k"} -> {prefix, prefix_band_k}
+        return {prefix + key[len("loss"):]: value for key, value in res.items() if key.startswith("loss")}
+
+    with isolated_torch_rng():
+        batch_size = max(args.eval_batch_size, 1)
+        raw = validation_loss(model, noise_scheduler, triples, batch_size=batch_size, bands=4)
+        record = {"band_edges": raw["band_edges"]}
+        if ema is None:
+            record.update(flat(raw, "val_loss"))
+        else:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            try:
+                with_ema = validation_loss(model, noise_scheduler, triples, batch_size=batch_size, bands=4)
+            finally:
+                ema.restore(model.parameters())
+            record.update(flat(with_ema, "val_loss"))
+            record.update(flat(raw, "val_loss_raw"))
+    return record
+
+
+def save_grid(args, model, ema, noise_scheduler, num_classes, path, step, accelerator):
+    labels = None
+    if args.class_conditional:
+        labels = torch.arange(NUM_GRID_IMAGES) % num_classes
+    with isolated_torch_rng():
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        try:
+            images = sample_images(model, noise_scheduler.config, NUM_GRID_IMAGES,
+                                   num_inference_steps=args.num_inference_steps, seed=args.seed,
+                                   batch_size=args.eval_batch_size, class_labels=labels)
+        finally:
+            if ema is not None:
+                ema.restore(model.parameters())
+    save_image_grid(images, path)
+    if args.report_to in ("tensorboard", "all"):
+        try:
+            writer = accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_images("samples", images, step)
+        except (ValueError, AttributeError, KeyError):
+            pass
+
+
+def parameters_in_sync(accelerator, unet) -> bool:
+    """With several processes: are the parameters bit-identical on every rank (as DDP should keep them)?"""
+    if accelerator.num_processes == 1:
+        return True
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for p in accelerator.unwrap_model(unet).parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    in_sync = len(set(digests)) == 1
+    if not in_sync:
+        logger.warning("The parameters differ between processes at the end of training: %s", digests)
+    return in_sync
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from noise_rater.weighting import compute_snr, min_snr_weights, soft_weights
+
+    start_wall = time.perf_counter()
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: run the processes on CPU (gloo)
+    # instead of letting each one believe it is alone (they would overwrite each other's outputs).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        cpu=world_size > 1 and not torch.cuda.is_available(),
+    )
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise UsageError(f"Launched with WORLD_SIZE={world_size} but Accelerate set up {accelerator.num_processes} "
+                         "process(es); check the accelerate config / launcher flags.")
+    log = get_logger(SCRIPT_NAME, log_level="INFO")
+    log.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    device = accelerator.device
+
+    # ---- data (preflight before any model is built) ----
+    channels, resolution, _ = resolve_shapes(args)
+    splits = prepare_datasets(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir,
+        resolution=resolution, num_channels=channels, center_crop=args.center_crop, random_flip=args.random_flip,
+        validation_split=args.validation_split, seed=args.seed, max_train_samples=args.max_train_samples,
+        cache_dir=args.cache_dir, image_column=args.image_column, label_column=args.label_column,
+        use_labels=args.class_conditional,
+    )
+    log.info("Data: %s", splits.description)
+    batches = ResumableBatches(splits.train, args.train_batch_size, seed=args.seed,
+                               shard=accelerator.process_index, num_shards=accelerator.num_processes)
+    max_train_steps = args.max_train_steps or args.num_epochs * batches.batches_per_epoch
+    if args.lr_warmup_steps >= max_train_steps:
+        log.warning("--lr_warmup_steps %d >= %d training steps: the learning rate never leaves warm-up.",
+                    args.lr_warmup_steps, max_train_steps)
+
+    # ---- models ----
+    unet = build_unet(args, channels, resolution, splits.num_classes)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
+                                    prediction_type=args.prediction_type)
+    selector, rater = load_rater(args, device)
+    check_rater(rater, channels, args.class_conditional)
+    rater_uses_labels = rater is not None and rater.config.num_class_embeds is not None
+
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                       power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # The prepared scheduler steps once per process per optimizer step, hence the factors.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(device)
+    # Timesteps and noise candidates: a dedicated CPU generator per process.
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + 1000 * accelerator.process_index)
+
+    # ---- resume ----
+    global_step, skips = 0, SkipCounter(args.max_consecutive_skips)
+    totals = {"select_time_s": 0.0, "train_time_s": 0.0, "validation_time_s": 0.0}
+    if args.resume_from_checkpoint:
+        path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if path is None:
+            log.info("No checkpoint to resume from in %s; starting a new training run.", args.output_dir)
+        else:
+            state = load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, generator, batches)
+            global_step = int(state["step"])
+            skips.total, skips.consecutive = int(state["skipped_total"]), int(state["skipped_consecutive"])
+            totals.update({k: float(state.get(k, 0.0)) for k in totals})
+            log.info("Resumed from %s at step %d", path, global_step)
+
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    validation_path = os.path.join(args.output_dir, "validation.jsonl")
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        truncate_jsonl(metrics_path, global_step)
+        truncate_jsonl(validation_path, global_step)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                                  token=args.hub_token, private=args.hub_private_repo).repo_id
+        tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        accelerator.init_trackers(SCRIPT_NAME, config=tracker_config)
+    triples = None
+    if accelerator.is_main_process:
+        triples = make_validation_triples(args, splits.validation, args.ddpm_num_steps)
+
+    num_params = sum(p.numel() for p in accelerator.unwrap_model(unet).parameters())
+    log.info("***** Running training *****")
+    log.info("  Num train examples = %d, validation = %d", len(splits.train), len(splits.validation))
+    log.info("  UNet parameters = %d", num_params)
+    log.info("  Batch size per process = %d, processes = %d", args.train_batch_size, accelerator.num_processes)
+    log.info("  Noise selection = %s (%s), loss weighting = %s", args.noise_selection, args.selection_rule,
+             args.loss_weighting)
+    log.info("  Total optimization steps = %d (starting at %d)", max_train_steps, global_step)
+
+    def validate_and_log(step):
+        t0 = time.perf_counter()
+        record = run_validation(args, accelerator.unwrap_model(unet), ema, noise_scheduler, triples)
+        totals["validation_time_s"] += time.perf_counter() - t0
+        record["step"] = step
+        append_jsonl(validation_path, record)
+        accelerator.log({k: v for k, v in record.items() if k.startswith("val_loss")}, step=step)
+        log.info("step %d: validation loss %.5f", step, record["val_loss"])
+        return record
+
+    progress_bar = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+                        desc="Steps")
+    loop_start = time.perf_counter()
+    steps_this_run = 0
+    last_val = None
+    unet.train()
+    try:  # close the bar first, so that an error message is the last thing printed
+        while global_step < max_train_steps:
+            step = global_step + 1
+            batch = next(batches)
+            x0 = batch["pixel_values"].to(device)
+            labels = batch["class_labels"].to(device) if args.class_conditional else None
+
+            # ---- noise selection (timed separately) ----
+            _sync(device)
+            t0 = time.perf_counter()
+            timesteps = sample_timesteps(x0.shape[0], args.ddpm_num_steps, generator=generator, device=device)
+            selection_failed = False
+            try:
+                noise, weights = selector(x0, timesteps, class_labels=labels if rater_uses_labels else None,
+                                          generator=generator, return_weights=True)
+                weights = weights.float()
+                if args.loss_weighting == "rater_soft":
+                    with torch.no_grad():
+                        scores = rater(x0, noise, timesteps, class_labels=labels if rater_uses_labels else None).scores
+                    if not bool(torch.isfinite(scores).all()):
+                        raise FloatingPointError("non-finite rater scores")
+                    weights = weights * soft_weights(scores.float(), args.rater_temperature)
+            except FloatingPointError:
+                # The rater gave a non-finite score: every process learns about it below and skips or stops together.
+                selection_failed = True
+                noise, weights = torch.zeros_like(x0), torch.ones(x0.shape[0], device=device)
+            _sync(device)
+            t1 = time.perf_counter()
+
+            # ---- loss, backward, step ----
+            if args.loss_weighting == "min_snr":
+                snr = compute_snr(noise_scheduler.alphas_cumprod, timesteps)
+                weights = weights * min_snr_weights(snr, args.snr_gamma, args.prediction_type)
+            per_sample = per_sample_diffusion_loss(unet, noise_scheduler, x0, noise, timesteps, class_labels=labels)
+            loss = (weights * per_sample.float()).mean()
+            if args.inject_nonfinite_at_step is not None and step == args.inject_nonfinite_at_step:
+                loss = loss * float("nan")
+            status = accelerator.gather(torch.stack([loss.detach().float(), torch.tensor(float(selection_failed),
+                                                                                         device=device)])[None])
+            step_loss = float(status[:, 0].mean())
+            error = None
+            try:
+                if bool(status[:, 1].any()):
+                    raise NonFiniteError(f"non-finite rater score at step {step}")
+                check_finite(status[:, 0], "loss", step)
+                accelerator.backward(loss)
+                if args.max_grad_norm > 0:
+                    norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                else:
+                    norm = grad_norm(unet.parameters())
+                if accelerator.mixed_precision != "fp16":  # with fp16 the GradScaler handles overflowing gradients
+                    check_finite(torch.as_tensor(norm), "gradient", step)
+            except NonFiniteError as e:
+                if args.nonfinite == "raise":
+                    raise
+                error = e
+            if error is None:
+                optimizer.step()
+                lr_scheduler.step()
+                if ema is not None:
+                    ema.step(unet.parameters())
+                skips.ok()
+            else:
+                log.warning("Skipping step %d: %s", step, error)
+                skips.skipped(error)  # raises NonFiniteError after --max_consecutive_skips in a row
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            t2 = time.perf_counter()
+
+            global_step = step
+            steps_this_run += 1
+            totals["select_time_s"] += t1 - t0
+            totals["train_time_s"] += t2 - t1
+            progress_bar.update(1)
+            lr = lr_scheduler.get_last_lr()[0]
+            logs = {"loss": _finite_or_none(step_loss), "lr": lr, "select_time_s": t1 - t0, "train_time_s": t2 - t1,
+                    "step": global_step, "epoch": batches.epoch, "skipped": error is not None}
+            if ema is not None:
+                logs["ema_decay"] = ema.cur_decay_value
+            progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float)) and k != "step"},
+                            step=global_step)
+            if accelerator.is_main_process:
+                append_jsonl(metrics_path, logs)
+
+            # ---- checkpoint (all processes), then validation / samples (main process) ----
+            if global_step % args.checkpointing_steps == 0:
+                extra = dict(totals, skipped_total=skips.total, skipped_consecutive=skips.consecutive)
+                save_training_state(args, accelerator, global_step, unet, ema, optimizer, lr_scheduler, generator,
+                                    batches, extra)
+            if accelerator.is_main_process:
+                if global_step % args.validation_steps == 0 or global_step == max_train_steps:
+                    last_val = validate_and_log(global_step)
+                grid_due = args.save_images_steps and global_step % args.save_images_steps == 0
+                if grid_due and global_step != max_train_steps:
+                    save_grid(args, accelerator.unwrap_model(unet), ema, noise_scheduler, splits.num_classes,
+                              os.path.join(args.output_dir, "samples", f"samples_step{global_step:06d}.png"),
+                              global_step, accelerator)
+            accelerator.wait_for_everyone()
+    finally:
+        progress_bar.close()
+    loop_time = time.perf_counter() - loop_start
+    ranks_in_sync = parameters_in_sync(accelerator, unet)
+
+    # ---- the end: pipeline, samples, metrics, plot ----
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        if last_val is None or last_val["step"] != global_step:
+            last_val = validate_and_log(global_step)
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        step_time = totals["select_time_s"] + totals["train_time_s"]  # over all steps, resumed runs included
+        pipeline = DDPMPipeline(unet=model, scheduler=noise_scheduler)
+        pipeline.save_pretrained(args.output_dir)
+        save_grid(args, model, None, noise_scheduler, splits.num_classes,
+                  os.path.join(args.output_dir, "samples_final.png"), global_step, accelerator)
+        final = {
+            "final_val_loss": last_val["val_loss"],
+            **{k.replace("val_loss", "final_val_loss"): v for k, v in last_val.items()
+               if k.startswith("val_loss") and k != "val_loss"},
+            "band_edges": last_val["band_edges"],
+            "weights": "ema" if ema is not None else "raw",
+            "steps": global_step,
+            "steps_this_run": steps_this_run,
+            "skipped_steps": skips.total,
+            "wall_time_s": time.perf_counter() - start_wall,
+            "loop_time_s": loop_time,
+            "s_per_step": step_time / max(global_step, 1),
+            "loop_s_per_step": loop_time / steps_this_run if steps_this_run else None,
+            "select_time_s": totals["select_time_s"],
+            "train_time_s": totals["train_time_s"],
+            "validation_time_s": totals["validation_time_s"],
+            "select_time_fraction": totals["select_time_s"] / max(step_time, 1e-12),
+            "num_processes": accelerator.num_processes,
+            "ranks_in_sync": ranks_in_sync,
+            "num_parameters": num_params,
+            "data": splits.description,
+            "args": vars(args),
+        }
+        write_json(os.path.join(args.output_dir, "final_metrics.json"), final)
+        plot_losses(args.output_dir, os.path.join(args.output_dir, "plot_loss.png"))
+        log.info("Done: %d steps, final validation loss %.5f, %s", global_step, final["final_val_loss"],
+                 args.output_dir)
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                          token=args.hub_token,
+                          ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".checkpoint-*", "latest", "logs/*"])
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def cli(input_args=None) -> None:
+    """Parse, check, run; expected errors end with ``error: ...`` on stderr and exit 2 (3 for non-finite values)."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    args = parse_args(input_args)
+    try:
+        check_args(args)
+        if args.dry_run:
+            print(json.dumps(dry_run_config(args), indent=2, sort_keys=True, default=str))
+            return
+        main(args)
+    except FloatingPointError as e:  # NonFiniteError and non-finite rater scores
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except (UsageError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
