@@ -125,7 +125,7 @@ def main():
     if a.stage1_only:
         return
     # ---- stage 2 ---------------------------------------------------------------------------------
-    real = None
+    real, real_feats = None, {}
     for seed in a.seeds:
         for method in a.methods:
             res_path = os.path.join(a.results_dir, f"run_{method}_seed{seed}.json")
@@ -145,7 +145,7 @@ def main():
             launcher_s = time.time() - t0
             if real is None:
                 real = real_images(a)
-            result = collect(out, method, seed, a, real)
+            result = collect(out, method, seed, a, real, real_feats)
             result["launcher_wall_time_s"] = launcher_s
             with open(res_path + ".tmp", "w") as f:
                 json.dump(result, f, indent=2)
@@ -165,7 +165,7 @@ def real_images(a):
     return torch.stack([val[i]["pixel_values"] for i in range(n)])
 
 
-def collect(out, method, seed, a, real):
+def collect(out, method, seed, a, real, real_feats):
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
@@ -186,7 +186,8 @@ def collect(out, method, seed, a, real):
     points.append((a.steps, pipe))
     for step, p in points:
         m = evaluate_pipeline(p, real, num_samples=a.fd_samples, num_inference_steps=a.fd_inference_steps,
-                              scheduler="ddim", seed=1234, fd_method="eigh", kid_subset_size=min(300, a.fd_samples))
+                              scheduler="ddim", seed=1234, fd_method="eigh", kid_subset_size=min(300, a.fd_samples),
+                              real_features=real_feats)
         fd[str(step)] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     return {"method": method, "seed": seed, "steps": a.steps, "val_curve": curve,
             "final": {k[len("final_"):]: v for k, v in final.items() if k.startswith("final_val_loss")},

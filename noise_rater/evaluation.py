@@ -595,8 +595,13 @@ def evaluate_pipeline(
     kid_num_subsets: int = 10,
     loss_bands: int = 4,
     fd_method: str = "sqrtm",
+    real_features: Optional[Dict[str, np.ndarray]] = None,
 ) -> Dict[str, Union[float, int, list]]:
     r"""Sample a ``DDPMPipeline`` and compute FD/KID against real images, plus held-out diffusion losses.
+
+    ``real_features`` (optional) maps an extractor name (``"efflite0"``, ``"inception"``) to the precomputed
+    `(M, D)` features of ``real_images``; it is filled in place with those computed here, so a caller that
+    evaluates many pipelines against the same real images extracts their features once.
 
     Generated samples are quantised to 8 bits (as saved PNGs would be) before feature extraction.
 
@@ -652,7 +657,12 @@ def evaluate_pipeline(
         metrics["num_real"] = int(real_images.shape[0])
         for name, fd_key, build in extractors:
             extractor = build().to(device)
-            f_real = compute_features(extractor, real_images, batch_size=batch_size)
+            if real_features is not None and name in real_features:
+                f_real = real_features[name]
+            else:
+                f_real = compute_features(extractor, real_images, batch_size=batch_size)
+                if real_features is not None:
+                    real_features[name] = f_real
             f_fake = compute_features(extractor, fake, batch_size=batch_size)
             del extractor
             mu_r, sig_r = feature_statistics(f_real)
