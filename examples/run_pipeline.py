@@ -61,25 +61,35 @@ def main():
     log = os.path.join(out, "job.log")
     data = ["--dataset_name", a.dataset_name, "--resolution", str(a.resolution), "--seed", str(a.seed),
             "--report_to", "tensorboard", "--resume_from_checkpoint", "latest"]
-    timings = {}
+    timings_path = os.path.join(out, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+
+    def stage(key, done_file, script, args):
+        """Run a stage unless it already finished (then its recorded wall time is kept)."""
+        if key in timings and os.path.exists(done_file):
+            print(f"== {key}: already done ({timings[key]:.0f} s), skipped ==", flush=True)
+            return
+        timings[key] = launch(script, args, log)
+        with open(timings_path, "w") as f:
+            json.dump(timings, f, indent=2)
 
     rater_dir = os.path.join(out, "rater")
     print("== stage 1: meta-training the rater ==", flush=True)
-    timings["stage1_s"] = launch("train_noiserater.py", [
+    stage("stage1_s", os.path.join(rater_dir, "meta_summary.json"), "train_noiserater.py", [
         *data, "--output_dir", rater_dir, "--max_train_steps", str(a.meta_steps), "--train_batch_size", "64",
         "--population_size", "2", "--inner_steps", "2", "--compare_every", "5", "--checkpointing_steps", "25",
-        "--inner_model_lifetime", "50"], log)
+        "--inner_model_lifetime", "50"])
 
     runs = {"uniform": ["--noise_selection", "uniform"],
             "noiserater_hard": ["--noise_selection", "rater", "--rater_model_name_or_path", rater_dir,
                                 "--num_candidate_noises", str(a.num_candidate_noises), "--selection_rule", "argmax"]}
     for name, flags in runs.items():
         print(f"== stage 2: {name} ==", flush=True)
-        timings[f"stage2_{name}_s"] = launch("train_diffusion_hard.py", [
+        stage(f"stage2_{name}_s", os.path.join(out, name, "final_metrics.json"), "train_diffusion_hard.py", [
             *data, "--output_dir", os.path.join(out, name), "--max_train_steps", str(a.train_steps),
             "--train_batch_size", str(a.train_batch_size), "--learning_rate", "1e-3", "--lr_warmup_steps", "50",
             "--validation_steps", "100", "--checkpointing_steps", "200", "--checkpoints_total_limit", "2",
-            "--num_inference_steps", "50", *flags], log)
+            "--num_inference_steps", "50", *flags])
     write_report(out, runs, timings, a)
     print(f"report: {os.path.join(out, 'report.md')}")
 
@@ -114,7 +124,7 @@ def write_report(out, runs, timings, a):
          "| run | final validation loss (Gaussian noise) | wall time s | selection time s |", "|---|---|---|---|"]
     for name in runs:
         f = finals[name]
-        L.append(f"| {name} | {f['val_loss']:.4f} | {timings[f'stage2_{name}_s']:.0f} | "
+        L.append(f"| {name} | {f['final_val_loss']:.4f} | {timings[f'stage2_{name}_s']:.0f} | "
                  f"{f.get('select_time_s', float('nan')):.1f} |")
     L += ["", "![learning curves](learning_curves.png)", "", "Samples (final model, same sampler seed):", ""]
     for name in runs:
