@@ -5,7 +5,7 @@ Layout of ``output_dir``::
     checkpoint-1000/            complete checkpoint: payload files + ``checkpoint.json`` (manifest)
     checkpoint-2000/
     latest                      text file naming the newest complete checkpoint dir ("checkpoint-2000")
-    .checkpoint-3000.tmp-XXXX   in-progress (or crashed) save; never read, removed by the next save
+    .checkpoint-3000.tmp-<rand>  in-progress (or crashed) save; never read, removed by the next save
 
 A save writes everything into a hidden temporary directory next to the final one, fsyncs it, writes the
 manifest (step, files with byte size and sha256) last, renames the directory into place and only then
