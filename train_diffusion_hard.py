@@ -351,7 +351,8 @@ def sample_images(unet, scheduler_config, num_images, *, num_inference_steps, se
 
 
 def save_image_grid(images01: torch.Tensor, path: str) -> None:
-    """`(N, C, H, W)` in [0, 1] -> one PNG grid (ceil(sqrt(N)) columns, 2 px padding)."""
+    """`(N, C, H, W)` in [0, 1] -> one PNG grid (ceil(sqrt(N)) columns, 2 px padding), enlarged with
+    nearest-neighbour to at least 256 px wide so that small images (8x8 digits) stay visible."""
     from PIL import Image
 
     n, c, h, w = images01.shape
@@ -365,6 +366,9 @@ def save_image_grid(images01: torch.Tensor, path: str) -> None:
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         grid[y:y + h, x:x + w] = arr[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
+    scale = max(1, int(math.ceil(256 / img.width)))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
 
