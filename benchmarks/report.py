@@ -107,7 +107,7 @@ def main():
     steps_all = sorted({r["steps"] for m in runs for r in runs[m].values()})
     L.append("## Validation loss under Gaussian noise (lower is better)\n")
     checkpoints = sorted({s for m in runs for r in runs[m].values() for s, _ in r["val_curve"]})
-    shown = [s for s in checkpoints if s in _fractions(checkpoints)]
+    shown = checkpoints if len(checkpoints) <= 8 else [s for s in checkpoints if s in _fractions(checkpoints)]
     L.append("| method | seeds | " + " | ".join(f"step {s}" for s in shown) + " |")
     L.append("|---|---|" + "---|" * len(shown))
     for m in methods:
@@ -117,6 +117,24 @@ def main():
             cells.append(fmt(*mean_ci(vals)[:2]))
         L.append(f"| {METHOD_LABEL.get(m, m)} | {len(runs[m])} | " + " | ".join(cells) + " |")
     L.append("")
+    if "uniform" in runs:
+        L.append("Paired by seed (same data order and initialisation): relative difference of the final validation "
+                 "loss to uniform, (method - uniform) / uniform in %, mean ± 95% interval; negative is better.\n")
+        L.append("| method | seeds | final val. loss vs uniform | final FD-EffLite0 vs uniform |")
+        L.append("|---|---|---|---|")
+        for m in methods:
+            if m == "uniform":
+                continue
+            seeds = [sd for sd in runs[m] if sd in runs["uniform"]]
+            rel = [100 * (runs[m][sd]["final"]["val_loss"] / runs["uniform"][sd]["final"]["val_loss"] - 1) for sd in seeds]
+            fdrel = []
+            for sd in seeds:
+                fm, fu = runs[m][sd].get("fd", {}), runs["uniform"][sd].get("fd", {})
+                last = str(max((int(k) for k in fu), default=0))
+                if last in fm and last in fu:
+                    fdrel.append(100 * (fm[last]["fd_efflite0"] / fu[last]["fd_efflite0"] - 1))
+            L.append(f"| {METHOD_LABEL.get(m, m)} | {len(seeds)} | {fmt(*mean_ci(rel)[:2], 1)} % | {fmt(*mean_ci(fdrel)[:2], 1)} % |")
+        L.append("")
     bands = sorted({k for m in runs for r in runs[m].values() for k in r.get("final", {}) if k.startswith("val_loss_band_")})
     if bands:
         L.append("Final validation loss per timestep band (t in [edge_k, edge_k+1)):\n")
@@ -154,7 +172,9 @@ def main():
                  (f"; uniform's mean final FD-EffLite0 {fd_target:.2f}" if math.isfinite(fd_target) else "") + ". "
                  "Steps are the first validation step (resp. FD evaluation step) at which the mean over seeds "
                  "reaches the target; wall-clock is that many steps at the method's measured seconds per step "
-                 "(noise selection included). 'not reached' means not within the run.\n")
+                 "(noise selection included). 'not reached' means not within the run. Seconds per step were "
+                 "measured while other jobs shared the 2 CPU cores, so differences between methods below ~20% "
+                 "are load noise; the selection-overhead table below is the controlled measurement.\n")
         L.append("| method | s/step (select + train) | steps to val. target | ratio to uniform | wall-clock s | + meta-training s | steps to FD target |")
         L.append("|---|---|---|---|---|---|---|")
         base_steps = None
@@ -240,8 +260,8 @@ def _fractions(checkpoints):
 def _mean_curve(curves):
     by_step = defaultdict(list)
     for c in curves:
-        for s, v in c:
-            by_step[int(s)].append(v)
+        for s, v in dict((int(s), v) for s, v in c).items():  # a resumed run may log a step twice: keep the last
+            by_step[s].append(v)
     return [(s, sum(v) / len(v)) for s, v in sorted(by_step.items()) if len(v) == len(curves)]
 
 

@@ -174,7 +174,7 @@ def collect(out, method, seed, a, real, real_feats):
 
     final = json.load(open(os.path.join(out, "final_metrics.json")))
     val = read_jsonl(os.path.join(out, "validation.jsonl"))
-    curve = [(r["step"], r["val_loss"]) for r in val]
+    curve = sorted(dict((r["step"], r["val_loss"]) for r in val).items())  # a resumed run may repeat a step
     fd = {}
     pipe = DDPMPipeline.from_pretrained(out)
     mid = os.path.join(out, f"checkpoint-{a.steps // 2}")
