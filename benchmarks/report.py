@@ -95,7 +95,7 @@ def main():
                  f"vs {cfg.get('fd_real')} held-out real images, in the 1280-d feature space of the ImageNet "
                  "EfficientNet-Lite0 shipped in PyPI wheels. **Not comparable to published FID.** Small sample "
                  "counts inflate FD; compare only within this table.")
-        L.append(f"- Intervals: mean ± half-width of the 95% Student-t interval over seeds.\n")
+        L.append("- Intervals: mean ± half-width of the 95% Student-t interval over seeds.\n")
     if rater_info:
         L.append("## Stage 1 (the rater used below)\n")
         L.append(f"- Meta-trained on the training split only: {rater_info.get('data')}; "
@@ -104,7 +104,6 @@ def main():
                  f"identical batches: {rater_info.get('mean_gain')} ({rater_info.get('num_comparisons')} comparisons).\n")
 
     # ---- final validation loss -----------------------------------------------------------------
-    steps_all = sorted({r["steps"] for m in runs for r in runs[m].values()})
     L.append("## Validation loss under Gaussian noise (lower is better)\n")
     checkpoints = sorted({s for m in runs for r in runs[m].values() for s, _ in r["val_curve"]})
     shown = checkpoints if len(checkpoints) <= 8 else [s for s in checkpoints if s in _fractions(checkpoints)]

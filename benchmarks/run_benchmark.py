@@ -166,7 +166,6 @@ def real_images(a):
 
 
 def collect(out, method, seed, a, real, real_feats):
-    import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     from noise_rater.checkpointing import load_module_state

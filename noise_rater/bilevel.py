@@ -18,7 +18,6 @@ modified: the updates are applied to a dictionary of tensors through ``torch.fun
 
 import contextlib
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .data import BUILTIN_DATASETS, DataError
+from .data import BUILTIN_DATASETS
 
 
 class UsageError(ValueError):

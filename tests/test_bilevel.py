@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from noise_rater import NoiseRaterModel
-from noise_rater.bilevel import InnerState, meta_objective, unroll
+from noise_rater.bilevel import meta_objective, unroll
 
 
 def tiny_unet(attention=True, dtype=torch.float64, num_class_embeds=None):
