@@ -310,7 +310,8 @@ def main(argv=None):
     for step in range(start, args.max_train_steps):
         member_batches = [([next_meta_batch(train_stream) for _ in range(args.inner_steps)], next_meta_batch(val_stream))
                           for _ in range(args.population_size)]
-        if args.inject_nonfinite_at_step is not None and step == args.inject_nonfinite_at_step:
+        # fault injection (tests): on the last process only, so that multi-process runs see a one-rank fault
+        if args.inject_nonfinite_at_step is not None and step == args.inject_nonfinite_at_step and rank == world - 1:
             member_batches[0][1]["x0"] = member_batches[0][1]["x0"] * float("nan")
         compare = (step + 1) % args.compare_every == 0 or step == 0
         t0 = time.perf_counter()

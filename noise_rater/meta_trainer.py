@@ -168,6 +168,7 @@ class MetaTrainer:
         params = [p for p in self.rater.parameters() if p.requires_grad]
         total = [torch.zeros_like(p) for p in params]
         outer_losses, uniform_losses, new_states = [], [], []
+        bad = None
         self.rater.train()
         for m, (train_batches, val_batch) in enumerate(member_batches):
             if len(train_batches) != self.inner_steps:
@@ -178,12 +179,14 @@ class MetaTrainer:
                 inner_lr=self.inner_lr, inner_optimizer=self.inner_optimizer, temperature=self.temperature,
                 state=state, truncate_window=self.truncate_window, return_inner=True,
             )
+            # A non-finite value is only recorded here: every process must still reach the gradient
+            # all-reduce below, which also tells all of them whether any process saw one.
             if not all(bool(torch.isfinite(w).all()) for w in inner.weights):
-                self._nonfinite(f"rater score (soft weights of inner model {m})")
-                return self._skipped(outer_losses)
+                bad = bad or f"rater score (soft weights of inner model {m})"
+                continue
             if not torch.isfinite(J):
-                self._nonfinite(f"meta-loss (validation loss of inner model {m})")
-                return self._skipped(outer_losses)
+                bad = bad or f"meta-loss (validation loss of inner model {m})"
+                continue
             grads = torch.autograd.grad(J, params, allow_unused=True)
             for acc, g in zip(total, grads):
                 if g is not None:
@@ -198,8 +201,12 @@ class MetaTrainer:
                     uniform_losses.append(float(validation_loss_at(self.template, self.scheduler,
                                                                    uni.state.params, val_batch)))
         total = [g / self.population_size for g in total]
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=total[0].device, dtype=total[0].dtype)
         if self.grad_reduce is not None:
-            total = self.grad_reduce(total)
+            *total, flag = self.grad_reduce(total + [flag])
+        if bad is not None or float(flag) > 0:
+            self._nonfinite(bad or "meta-loss or rater score on another process")
+            return self._skipped(outer_losses)
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in total]))
         if not torch.isfinite(grad_norm):
             self._nonfinite("meta-gradient of the rater")

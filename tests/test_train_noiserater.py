@@ -184,3 +184,16 @@ def test_builtin_dataset_not_installed(tmp_path):
     env = {**os.environ, "NOISE_RATER_FASHION_MNIST_DIR": str(tmp_path / "nowhere")}
     p = run(["--dataset_name", "fashion_mnist", "--output_dir", str(tmp_path / "o")], check=False, env=env)
     assert p.returncode == 2 and "apt-get install dataset-fashion-mnist" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_fault_on_one_rank_stops_all_without_hanging(tmp_path):
+    out = tmp_path / "ddp_nan"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "train_noiserater.py", "--dataset_name", "digits", "--checkpointing_steps", "1",
+           "--inject_nonfinite_at_step", "1", *common(tmp_path, out, steps=3)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # a hang fails here
+    assert p.returncode != 0
+    assert "non-finite meta-loss" in p.stderr and "step 1" in p.stderr
+    assert validate_checkpoint(str(out / "checkpoint-1"))["step"] == 1
