@@ -689,7 +689,7 @@ def main(args):
         resolution=resolution, num_channels=channels, center_crop=args.center_crop, random_flip=args.random_flip,
         validation_split=args.validation_split, seed=args.seed, max_train_samples=args.max_train_samples,
         cache_dir=args.cache_dir, image_column=args.image_column, label_column=args.label_column,
-        use_labels=args.class_conditional,
+        use_labels=args.class_conditional, allow_mixed_channels=args.allow_mixed_channels,
     )
     log.info("Data: %s", splits.description)
     batches = ResumableBatches(splits.train, args.train_batch_size, seed=args.seed,

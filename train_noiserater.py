@@ -198,7 +198,7 @@ def main(argv=None):
         num_channels=_channels(args), center_crop=args.center_crop, random_flip=args.random_flip,
         validation_split=args.validation_split, seed=args.seed, max_train_samples=args.max_train_samples,
         cache_dir=args.cache_dir, image_column=args.image_column, label_column=args.label_column,
-        use_labels=args.class_conditional,
+        use_labels=args.class_conditional, allow_mixed_channels=args.allow_mixed_channels,
     )
     args.resolution = splits.resolution
     unet_cfg = resolve_unet_config(args.model_config_name_or_path, args.resolution, splits.num_channels,

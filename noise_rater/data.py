@@ -86,7 +86,11 @@ def _is_skipped_name(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def preflight_image_folder(path, expected_channels: Optional[int] = None) -> List[str]:
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def preflight_image_folder(path, expected_channels: Optional[int] = None,
+                           allow_mixed_channels: bool = False) -> List[str]:
     """Check an image folder before any model is built, and list its images.
 
     Walks ``path`` recursively (skipping hidden ``.x`` and special ``__x`` files and folders, as
@@ -94,11 +98,14 @@ def preflight_image_folder(path, expected_channels: Optional[int] = None) -> Lis
     non-empty and fully loadable by PIL (``Image.open(...).load()``); other files (``.txt``,
     ``metadata.csv``, ...) are ignored. With ``expected_channels`` (1 or 3), every image must also
     convert to ``"L"`` / ``"RGB"`` (images are converted when loaded, so any convertible mode is fine).
-    Mixed image modes (e.g. some ``"L"``, some ``"RGB"``) are only logged as a warning.
+    A folder that mixes grey and colour images (e.g. some ``"L"``, some ``"RGB"``) is an error, since it
+    is usually a data bug; with ``allow_mixed_channels=True`` it is only logged and every image is
+    converted to ``expected_channels``. Other mixed modes (``"RGB"`` and ``"RGBA"``) are logged.
 
     Args:
         path (`str` or `os.PathLike`): the folder.
         expected_channels (`int`, *optional*): channels the model is configured for (1 or 3).
+        allow_mixed_channels (`bool`): accept a mix of grey and colour images (converted when loaded).
 
     Returns:
         `List[str]`: the sorted paths of all image files.
@@ -126,11 +133,13 @@ def preflight_image_folder(path, expected_channels: Optional[int] = None) -> Lis
     candidates.sort()
 
     target_mode = _MODE_FOR_CHANNELS.get(expected_channels)
-    good, bad, modes = [], [], Counter()
+    good, bad, modes, grey_files, colour_files = [], [], Counter(), [], []
     for file in candidates:
-        problem = _check_image_file(file, target_mode, modes)
+        problem, mode = _check_image_file(file, target_mode)
         if problem is None:
             good.append(file)
+            modes[mode] += 1
+            (grey_files if mode in _GREY_MODES else colour_files).append(file)
         else:
             bad.append(f"{file}: {problem}")
 
@@ -147,6 +156,16 @@ def preflight_image_folder(path, expected_channels: Optional[int] = None) -> Lis
         raise DataError(
             f"No image files found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})" + note
         )
+    if grey_files and colour_files and not allow_mixed_channels:
+        minority = grey_files if len(grey_files) <= len(colour_files) else colour_files
+        kind = "grey" if minority is grey_files else "colour"
+        examples = "\n".join(f"  - {f}" for f in minority[:10])
+        more = f"\n  ... and {len(minority) - 10} more" if len(minority) > 10 else ""
+        raise DataError(
+            f"{root} mixes channel counts: {len(grey_files)} grey and {len(colour_files)} colour image(s). "
+            f"The {len(minority)} {kind} one(s):\n{examples}{more}\n"
+            "Make them consistent, or pass --allow_mixed_channels to convert every image to the model's channels."
+        )
     if len(modes) > 1:
         summary = ", ".join(f"{count} {mode!r}" for mode, count in sorted(modes.items()))
         target = f"; all are converted to {target_mode!r}" if target_mode else ""
@@ -154,11 +173,11 @@ def preflight_image_folder(path, expected_channels: Optional[int] = None) -> Lis
     return good
 
 
-def _check_image_file(file: str, target_mode: Optional[str], modes: Counter) -> Optional[str]:
-    """Return why ``file`` is not a usable image, or None (and count its mode in ``modes``)."""
+def _check_image_file(file: str, target_mode: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+    """Return ``(why file is not a usable image or None, its PIL mode or None)``."""
     try:
         if os.path.getsize(file) == 0:
-            return "empty file (0 bytes)"
+            return "empty file (0 bytes)", None
         with Image.open(file) as im:
             im.load()
             mode = im.mode
@@ -166,11 +185,10 @@ def _check_image_file(file: str, target_mode: Optional[str], modes: Counter) -> 
                 try:
                     im.convert(target_mode)
                 except Exception as e:  # noqa: BLE001 - any PIL failure is a data problem
-                    return f"mode {mode!r} cannot be converted to {target_mode!r} ({type(e).__name__}: {e})"
+                    return f"mode {mode!r} cannot be converted to {target_mode!r} ({type(e).__name__}: {e})", mode
     except Exception as e:  # noqa: BLE001 - any PIL failure is a data problem
-        return f"cannot be read as an image ({type(e).__name__}: {e})"
-    modes[mode] += 1
-    return None
+        return f"cannot be read as an image ({type(e).__name__}: {e})", None
+    return None, mode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,6 +554,7 @@ def prepare_datasets(
     image_column: Optional[str] = None,
     label_column: Optional[str] = None,
     use_labels: bool = False,
+    allow_mixed_channels: bool = False,
 ) -> DatasetSplits:
     r"""Load, split and preprocess a data set for diffusion training.
 
@@ -600,7 +619,8 @@ def prepare_datasets(
         name = builtin
     else:
         if train_data_dir is not None:
-            preflight_image_folder(train_data_dir, expected_channels=num_channels)
+            preflight_image_folder(train_data_dir, expected_channels=num_channels,
+                                   allow_mixed_channels=allow_mixed_channels)
             name = f"imagefolder:{os.fspath(train_data_dir)}"
         else:
             name = str(dataset_name)

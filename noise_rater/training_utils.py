@@ -35,6 +35,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--validation_split", type=float, default=0.1)
     g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--allow_mixed_channels", action="store_true",
+                   help="Accept an image folder mixing grey and colour images (all converted to the model's channels).")
     g.add_argument("--class_conditional", action="store_true",
                    help="Feed dataset labels to num_class_embeds of the UNet and the rater.")
 

@@ -382,19 +382,32 @@ def test_bad_files_are_all_listed(tmp_path, monkeypatch):
     assert "0 bytes" in message
 
 
-def test_preflight_returns_sorted_images_and_warns_on_mixed_modes(tmp_path, caplog):
+def test_preflight_rejects_mixed_grey_and_colour_unless_allowed(tmp_path, caplog):
     folder = tmp_path / "mixed"
     (folder / "b").mkdir(parents=True)
     Image.fromarray(synthetic_image(0), "L").save(folder / "b" / "z.PNG")
     Image.fromarray(rgb_image(0), "RGB").save(folder / "a.jpg")
     (folder / ".hidden.png").write_bytes(b"")  # hidden files are skipped, like datasets does
     (folder / "info.txt").write_text("x")
+    with pytest.raises(DataError, match="mixes channel counts: 1 grey and 1 colour") as err:
+        preflight_image_folder(folder, expected_channels=1)
+    assert "allow_mixed_channels" in str(err.value) and "z.PNG" in str(err.value)
     with caplog.at_level(logging.WARNING, logger="noise_rater.data"):
-        paths = preflight_image_folder(folder, expected_channels=1)
+        paths = preflight_image_folder(folder, expected_channels=1, allow_mixed_channels=True)
     assert paths == [str(folder / "a.jpg"), str(folder / "b" / "z.PNG")]
     assert "mixes image modes" in caplog.text and "'L'" in caplog.text and "'RGB'" in caplog.text
     with pytest.raises(DataError, match="expected_channels"):
         preflight_image_folder(folder, expected_channels=2)
+
+
+def test_preflight_rgb_and_rgba_are_not_a_channel_mix(tmp_path, caplog):
+    folder = tmp_path / "colour"
+    folder.mkdir()
+    Image.fromarray(rgb_image(0), "RGB").save(folder / "a.png")
+    Image.new("RGBA", (4, 4), (1, 2, 3, 4)).save(folder / "b.png")
+    with caplog.at_level(logging.WARNING, logger="noise_rater.data"):
+        assert len(preflight_image_folder(folder, expected_channels=3)) == 2
+    assert "mixes image modes" in caplog.text
 
 
 def test_imagefolder_rejects_two_channels(tmp_path):

@@ -197,3 +197,13 @@ def test_two_processes_fault_on_one_rank_stops_all_without_hanging(tmp_path):
     assert p.returncode != 0
     assert "non-finite meta-loss" in p.stderr and "step 1" in p.stderr
     assert validate_checkpoint(str(out / "checkpoint-1"))["step"] == 1
+
+
+def test_mixed_channel_folder_is_refused_before_training(tmp_path):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(data / "grey.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8), "RGB").save(data / "colour.png")
+    p = run(["--train_data_dir", str(data), "--output_dir", str(tmp_path / "o")], check=False)
+    assert p.returncode == 2 and "mixes channel counts" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()  # nothing was built or written
