@@ -64,6 +64,8 @@ from noise_rater.training_utils import (
     add_diffusion_args,
     add_run_args,
     append_jsonl,
+    read_jsonl,
+    truncate_jsonl,
     check_finite,
     check_positive,
     grad_norm,
@@ -270,43 +272,6 @@ def isolated_torch_rng():
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def truncate_jsonl(path: str, max_step: int) -> None:
-    """Drop records with ``step > max_step`` (written after the checkpoint a run resumes from)."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if int(rec.get("step", 0)) <= max_step:
-                keep.append(line)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(line + "\n" for line in keep)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str):
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return out
 
 
 def _finite_or_none(x):

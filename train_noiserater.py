@@ -41,6 +41,8 @@ from noise_rater.training_utils import (
     add_diffusion_args,
     add_run_args,
     append_jsonl,
+    read_jsonl,
+    truncate_jsonl,
     check_positive,
     load_json_config,
     resolve_unet_config,
@@ -269,7 +271,7 @@ def main(argv=None):
             restore_rng_state(rank_state["rng"], {"noise": noise_gen})
             skips.consecutive, skips.total = state["skips_consecutive"], state["skips_total"]
             if accelerator.is_main_process:  # keep only the history up to the checkpoint
-                _truncate_jsonl(history_path, start)
+                truncate_jsonl(history_path, start)
             logger.info("Resumed from %s at meta-step %d", ckpt, start)
     elif accelerator.is_main_process and os.path.exists(history_path):
         os.remove(history_path)
@@ -342,7 +344,7 @@ def main(argv=None):
     ranks_consistent = _check_ranks_consistent(accelerator, rater)
     if accelerator.is_main_process:
         rater.save_pretrained(args.output_dir)
-        history = _read_jsonl(history_path)
+        history = read_jsonl(history_path)
         gains = [h["val_loss_uniform"] - h["outer_loss"] for h in history
                  if "val_loss_uniform" in h and math.isfinite(h.get("outer_loss", float("nan")))]
         last = history[-1] if history else {}
@@ -396,21 +398,6 @@ def _mean_across(accelerator, v):
         return float(v)
     t = torch.tensor([float(v)], device=accelerator.device)
     return float(accelerator.reduce(t, reduction="mean"))
-
-
-def _read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_jsonl(path, step):
-    rows = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def cli(argv=None):

@@ -187,3 +187,41 @@ def write_json(path: str, obj: Any) -> None:
 def append_jsonl(path: str, obj: Dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
+def truncate_jsonl(path: str, max_step: int) -> None:
+    """Drop records with ``step > max_step`` (written after the checkpoint a run resumes from)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if int(rec.get("step", 0)) <= max_step:
+                keep.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(line + "\n" for line in keep)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str):
+    """All records of a JSON-lines file (skipping a line cut by a crash); [] if the file is missing."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return out
