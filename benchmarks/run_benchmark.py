@@ -31,6 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from noise_rater.training_utils import read_jsonl  # noqa: E402
+
 METHODS = {
     "uniform": ["--noise_selection", "uniform"],
     "min_snr": ["--noise_selection", "uniform", "--loss_weighting", "min_snr", "--snr_gamma", "5"],
@@ -53,11 +55,6 @@ def sh(cmd, log):
         p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         raise SystemExit(f"command failed (exit {p.returncode}), see {log}:\n{' '.join(cmd)}")
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main():

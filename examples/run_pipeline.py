@@ -17,6 +17,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from noise_rater.training_utils import read_jsonl  # noqa: E402
 
 
 def launch(script, args, log_path):
@@ -38,11 +41,6 @@ def launch(script, args, log_path):
     if p.returncode != 0:
         sys.exit(f"{script} failed (exit {p.returncode}); see {log_path}")
     return time.time() - t0
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main():
