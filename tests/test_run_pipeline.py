@@ -235,6 +235,24 @@ def test_checkpoint_limit_flag_exists_in_both_scripts():
         assert args.checkpoints_total_limit == 2
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--train_steps", "0"], "--train_steps must be positive, got 0"),
+    (["--num_threads", "-1"], "--num_threads must be positive, got -1"),
+])
+def test_demo_rejects_bad_budgets(demo, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_threads_default(demo, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert demo.parse_args([]).num_threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert demo.parse_args([]).num_threads == 3
+    assert demo.parse_args(["--num_threads", "2"]).num_threads == 2
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The demo end to end, on a tiny budget
 # ------------------------------------------------------------------------------------------------------------
