@@ -388,7 +388,7 @@ def write_report(out, runs, timings, a):
          "## Stage 1: meta-training the rater", "",
          f"- {meta['step']} meta-steps in {timings['stage1_s']:.0f} s; last outer loss {meta['outer_loss']:.4f}.",
          "- Paired evidence: (uniform - rater-weighted) validation loss after the inner steps, on the same batches "
-         f"(> 0 means the rater's weighting helped), over {g_n} comparisons: {gain_txt}.", "",
+         f"(> 0 means the rater's weighting helped), over {g_n} comparison{'' if g_n == 1 else 's'}: {gain_txt}.", "",
          f"**Verdict (stage 1).** {v1}", "",
          "![meta evidence](rater/meta_evidence.png) ![rater analysis](rater/rater_analysis.png)", ""]
     # --- valuation accuracy (stage 1): embedded when train_noiserater.py has written the figure -----------
