@@ -6,6 +6,7 @@ setup(
     description="Learned valuation of diffusion training noise (NoiseRater) for diffusers",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     packages=find_packages(include=["noise_rater", "noise_rater.*"]),
     python_requires=">=3.10",
     install_requires=[

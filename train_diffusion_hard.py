@@ -91,9 +91,11 @@ logger = logging.getLogger(SCRIPT_NAME)
 
 
 def parse_args(input_args=None):
+    from noise_rater.training_utils import HelpFormatter  # --help shows every default
+
     parser = argparse.ArgumentParser(
         description="Train a diffusion model (UNet2DModel + DDPMScheduler) with hard noise selection "
-                    "(NoiseRater stage 2)."
+                    "(NoiseRater stage 2).", formatter_class=HelpFormatter,
     )
     add_data_args(parser)
     add_diffusion_args(parser)

@@ -54,7 +54,9 @@ logger = logging.getLogger("train_noiserater")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from noise_rater.training_utils import HelpFormatter  # --help shows every default
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(parser)
     add_diffusion_args(parser)
     add_run_args(parser)

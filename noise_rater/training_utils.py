@@ -2,6 +2,7 @@
 model cards, non-finite guards. Library code: it never imports the scripts."""
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -18,6 +19,17 @@ class UsageError(ValueError):
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss, gradient, meta-gradient or rater score, detected at the step it happens."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the description's line breaks and shows every option's default, including options
+    declared without a help text (argparse's own ``ArgumentDefaultsHelpFormatter`` skips those)."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
