@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .bilevel import _sdpa_context, flatten_candidates, per_sample_loss_jvp, validation_loss_at
+from .sampling import draw_candidates
 
 
 def _trainable_params(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -89,24 +90,66 @@ def one_step_influence(
     return c.reshape(b, n)
 
 
+class ValidationMinibatches:
+    """Validation minibatches for the oracle: call k returns ``batch_size`` images of ``dataset`` with
+    eps ~ N(0, I) and t ~ U{0..T-1}, all drawn from a generator seeded by (``seed``, k) only, so the
+    stream is resumed exactly by setting :attr:`calls` (the number of calls made so far).
+
+    Args:
+        dataset: map-style dataset of ``{"pixel_values": (C, H, W), ["class_labels": ()]}`` items.
+        batch_size (`int`): images per minibatch (capped at ``len(dataset)``).
+        num_train_timesteps (`int`): T.
+        seed (`int`): base seed.
+        device: where the tensors go.
+    """
+
+    def __init__(self, dataset, batch_size: int, num_train_timesteps: int, seed: int, device=None):
+        if len(dataset) < 1 or batch_size < 1:
+            raise ValueError(f"need a non-empty dataset and batch_size >= 1, got {len(dataset)} and {batch_size}")
+        self.dataset, self.batch_size = dataset, min(int(batch_size), len(dataset))
+        self.num_train_timesteps, self.seed, self.device, self.calls = int(num_train_timesteps), int(seed), device, 0
+
+    def __call__(self) -> Dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
+        idx = torch.randperm(len(self.dataset), generator=g)[: self.batch_size]
+        items = [self.dataset[int(i)] for i in idx]
+        x0 = torch.stack([it["pixel_values"] for it in items])
+        out = {"x0": x0, "noise": torch.randn(x0.shape, generator=g, dtype=x0.dtype),
+               "timesteps": torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=g)}
+        if "class_labels" in items[0]:
+            out["class_labels"] = torch.stack([it["class_labels"] for it in items])
+        return {k: v.to(self.device) for k, v in out.items()} if self.device is not None else out
+
+
 class OracleNoiseSelector:
     r"""Stage-2 selector that keeps, in each group, the candidate of highest exact one-step influence.
 
     Every call draws a fresh validation minibatch from ``val_batch_fn`` and computes
     :func:`one_step_influence` at the model's current parameters: the greedy ceiling of any rater
     (it costs about one backward pass plus one forward-mode pass over the B*N candidates per step).
+    Same call interface as the selectors of :mod:`noise_rater.sampling`.
 
     Args:
         model: the denoiser being trained (unwrapped; read at call time, so it follows training).
         scheduler: ``DDPMScheduler``.
         val_batch_fn: ``() -> mapping`` with x0, noise, timesteps (and class_labels), a fresh validation
-            minibatch per call.
+            minibatch per call (e.g. :class:`ValidationMinibatches`).
+        num_candidates (`int`): N, for :meth:`__call__` (which draws the candidates itself).
         chunk_size: samples per forward-mode pass.
     """
 
     def __init__(self, model: torch.nn.Module, scheduler, val_batch_fn: Callable[[], Mapping[str, torch.Tensor]],
-                 chunk_size: Optional[int] = 1024):
+                 num_candidates: int = 8, chunk_size: Optional[int] = 1024):
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         self.model, self.scheduler, self.val_batch_fn, self.chunk_size = model, scheduler, val_batch_fn, chunk_size
+        self.num_candidates = int(num_candidates)
+
+    def __call__(self, x0, timesteps, class_labels=None, generator=None, return_weights=False):
+        """Draw N candidates per sample with ``generator`` and keep the most useful -> noise `(B, C, H, W)`."""
+        candidates = draw_candidates(x0, self.num_candidates, generator)
+        return self.select(x0, timesteps, candidates, class_labels, generator, return_weights)
 
     def select(self, x0, timesteps, candidates, class_labels=None, generator=None, return_weights=False):
         """candidates `(B, N, C, H, W)` -> the most useful one per sample `(B, C, H, W)` (and weights `(B,)` = 1)."""

@@ -161,3 +161,21 @@ def test_evaluate_valuation_and_meta_trainer_report():
     metrics = trainer.meta_step(mb, compare_uniform=True)
     assert metrics["skipped"] == 0.0 and "val_loss_uniform" in metrics
     assert any(not torch.equal(a, b) for a, b in zip(before, rater.parameters()))
+
+
+def test_validation_minibatches_depend_on_seed_and_call_index_only():
+    from noise_rater.valuation import ValidationMinibatches
+
+    ds = [{"pixel_values": torch.full((1, 2, 2), float(i)), "class_labels": torch.tensor(i % 3)} for i in range(10)]
+    a = ValidationMinibatches(ds, 4, 100, seed=3)
+    first = [a() for _ in range(3)]
+    b = ValidationMinibatches(ds, 4, 100, seed=3)
+    b.calls = 2  # resumed after two calls
+    third = b()
+    for k in first[2]:
+        assert torch.equal(first[2][k], third[k])
+    assert not torch.equal(first[0]["x0"], first[1]["x0"]) or not torch.equal(first[0]["noise"], first[1]["noise"])
+    assert first[0]["x0"].shape == (4, 1, 2, 2) and first[0]["class_labels"].shape == (4,)
+    # labels follow their images
+    assert torch.equal(first[0]["class_labels"], first[0]["x0"][:, 0, 0, 0].long() % 3)
+    assert ValidationMinibatches(ds, 50, 100, seed=0)()["x0"].shape[0] == 10
