@@ -488,12 +488,15 @@ def main(argv=None):
 
 def _valuation_data(args, splits, device):
     """Fixed held-out groups for the valuation report: (groups, val_batch), drawn from the validation split
-    with their own seeded generator (identical at every measurement and on resume)."""
+    with their own seeded generator (identical at every measurement and on resume); ``None`` with a warning
+    when the validation split has fewer than 4 images."""
     n_val = len(splits.validation)
     n_groups = min(args.num_valuation_groups, n_val // 2)
     if n_groups < 2:
-        raise UsageError(f"--num_valuation_groups: the validation split has {n_val} image(s), too few for the "
-                         "valuation report; lower --validation_split or pass --num_valuation_groups 0.")
+        logger.warning("Valuation-accuracy report skipped: the validation split has %d image(s), too few for "
+                       "held-out groups (raise --validation_split or add data; --num_valuation_groups 0 silences this).",
+                       n_val)
+        return None
     g = torch.Generator().manual_seed(args.seed + 424242)
     order = torch.randperm(n_val, generator=g)
     def stack(idx):
