@@ -76,7 +76,7 @@ from noise_rater.training_utils import (
 )
 
 SCRIPT_NAME = "train_diffusion_hard"
-NOISE_SELECTIONS = ("uniform", "rater", "knn", "assignment")
+NOISE_SELECTIONS = ("uniform", "rater", "knn", "assignment", "oracle")
 SELECTION_RULES = ("argmax", "softmax", "importance")
 LOSS_WEIGHTINGS = ("uniform", "min_snr", "rater_soft")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -127,7 +127,11 @@ def parse_args(input_args=None):
     g.add_argument("--rater_model_name_or_path", type=str, default=None,
                    help="A trained NoiseRaterModel (folder or hub id), for --noise_selection rater or "
                         "--loss_weighting rater_soft.")
-    g.add_argument("--num_candidate_noises", type=int, default=8, help="N candidates per sample (rater, knn).")
+    g.add_argument("--num_candidate_noises", type=int, default=8, help="N candidates per sample (rater, knn, oracle).")
+    g.add_argument("--oracle_val_batch_size", type=int, default=64,
+                   help="--noise_selection oracle: validation images per step defining the exact one-step influence "
+                        "<grad l(x0, eps, t), grad L_val> by which each sample's best candidate is kept (the ceiling "
+                        "of any rater; costs about one backward and one forward-mode pass over the candidates).")
     g.add_argument("--selection_rule", type=str, default="argmax", choices=SELECTION_RULES,
                    help="How the rater's scores pick one candidate; 'importance' reweights to stay unbiased.")
     g.add_argument("--selection_temperature", type=float, default=1.0, help="tau of the softmax selection rules.")
@@ -153,7 +157,7 @@ def parse_args(input_args=None):
 def check_args(args) -> None:
     """All flag checks (shared + this script's); raises :class:`UsageError`."""
     validate_common_args(args)
-    check_positive(args, "num_epochs", "num_candidate_noises", "selection_temperature", "snr_gamma",
+    check_positive(args, "num_epochs", "num_candidate_noises", "oracle_val_batch_size", "selection_temperature", "snr_gamma",
                    "rater_temperature", "validation_steps", "num_validation_triples", "save_images_steps",
                    "num_inference_steps", "eval_batch_size", "ema_inv_gamma")
     check_positive(args, "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "ema_power", allow_zero=True)
@@ -435,7 +439,7 @@ def load_rater(args, device):
         raise UsageError(
             f"--rater_model_name_or_path {args.rater_model_name_or_path!r}: cannot load the rater ({e})."
         ) from None
-    if selector is None:
+    if selector is None and args.noise_selection != "oracle":  # the oracle needs the model: built in main()
         selector = build_noise_sampler(args.noise_selection, num_candidates=args.num_candidate_noises)
     return selector, rater
 
@@ -688,6 +692,14 @@ def main(args):
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(device)
+    if args.noise_selection == "oracle":
+        from noise_rater.valuation import OracleNoiseSelector, ValidationMinibatches
+
+        oracle_val = ValidationMinibatches(splits.validation, args.oracle_val_batch_size, args.ddpm_num_steps,
+                                           seed=args.seed + 7_777 + accelerator.process_index, device=device)
+        selector = OracleNoiseSelector(accelerator.unwrap_model(unet), noise_scheduler, oracle_val,
+                                       num_candidates=args.num_candidate_noises)
+    selection_labels = rater_uses_labels or (args.noise_selection == "oracle" and args.class_conditional)
     # Timesteps and noise candidates: a dedicated CPU generator per process.
     generator = torch.Generator(device="cpu").manual_seed(args.seed + 1000 * accelerator.process_index)
 
@@ -704,6 +716,8 @@ def main(args):
             skips.total, skips.consecutive = int(state["skipped_total"]), int(state["skipped_consecutive"])
             totals.update({k: float(state.get(k, 0.0)) for k in totals})
             log.info("Resumed from %s at step %d", path, global_step)
+            if args.noise_selection == "oracle":  # one oracle validation minibatch per step so far
+                selector.val_batch_fn.calls = global_step
 
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     validation_path = os.path.join(args.output_dir, "validation.jsonl")
@@ -761,7 +775,7 @@ def main(args):
             timesteps = sample_timesteps(x0.shape[0], args.ddpm_num_steps, generator=generator, device=device)
             selection_failed = False
             try:
-                noise, weights = selector(x0, timesteps, class_labels=labels if rater_uses_labels else None,
+                noise, weights = selector(x0, timesteps, class_labels=labels if selection_labels else None,
                                           generator=generator, return_weights=True)
                 weights = weights.float()
                 if args.loss_weighting == "rater_soft":

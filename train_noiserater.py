@@ -6,7 +6,12 @@
 A population of small inner diffusion models (UNet2DModel) takes K optimiser steps on a loss
 re-weighted by softmax-normalised rater scores; the rater is updated by the exact meta-gradient
 of the validation diffusion loss after those steps (see ``noise_rater/bilevel.py`` and
-``noise_rater/meta_trainer.py``). The result loads with ``NoiseRaterModel.from_pretrained(output_dir)``.
+``noise_rater/meta_trainer.py``). An inner batch holds B images (``--train_batch_size``), each with
+one timestep and N candidate noises (``--num_candidate_noises``); by default the weights are a softmax
+over each image's N candidates (``--weighting_scope candidates``): the decision stage 2 makes.
+Every ``--compare_every`` meta-steps the run also measures valuation accuracy: on fixed held-out
+groups, how well the rater ranks candidates against their exact one-step influence
+(``noise_rater/valuation.py``). The result loads with ``NoiseRaterModel.from_pretrained(output_dir)``.
 """
 
 import argparse
@@ -63,7 +68,19 @@ def parse_args(argv=None):
     g = parser.add_argument_group("rater and meta-training")
     g.add_argument("--rater_config_name_or_path", type=str, default=None,
                    help="NoiseRaterModel config JSON (file or folder); default: a ~6e4-parameter rater.")
-    g.add_argument("--inner_steps", type=int, default=2, help="K: unrolled inner steps per meta-step.")
+    g.add_argument("--inner_steps", type=int, default=1,
+                   help="K: inner steps per meta-step (K=1: exact meta-gradient by one forward-mode JVP).")
+    g.add_argument("--num_candidate_noises", type=int, default=8,
+                   help="N: candidate noises per image in each inner batch (as in stage 2); B*N samples per step.")
+    g.add_argument("--weighting_scope", type=str, default="candidates", choices=["candidates", "batch"],
+                   help="Softmax of the soft weights over each image's N candidates (the choice stage 2 makes) "
+                        "or over the whole batch of B*N samples (also weights images/timesteps).")
+    g.add_argument("--meta_gradient", type=str, default="auto", choices=["auto", "forward", "reverse"],
+                   help="auto: forward-mode JVP for K=1, backpropagation through the unrolled steps for K>1.")
+    g.add_argument("--val_batch_size", type=int, default=None,
+                   help="Samples in each validation batch of the outer loss; default B*N.")
+    g.add_argument("--num_valuation_groups", type=int, default=64,
+                   help="Held-out (x0, t) groups of N candidates for the valuation-accuracy report (0: off).")
     g.add_argument("--inner_lr", type=float, default=1e-3)
     g.add_argument("--inner_optimizer", type=str, default="adam", choices=["sgd", "adam"])
     g.add_argument("--population_size", type=int, default=2, help="P: inner models per process.")
@@ -75,9 +92,10 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
     g.add_argument("--compare_every", type=int, default=10,
-                   help="Every N meta-steps also unroll with uniform weights on the same batches (evidence).")
+                   help="Every N meta-steps also unroll with uniform weights on the same batches, and measure "
+                        "valuation accuracy (evidence).")
     g.add_argument("--dry_run", action="store_true", help="Print the resolved configuration and exit.")
-    parser.set_defaults(max_train_steps=500, checkpointing_steps=100)
+    parser.set_defaults(max_train_steps=500, checkpointing_steps=100, train_batch_size=8)
     args = parser.parse_args(argv)
     return args
 
@@ -85,7 +103,14 @@ def parse_args(argv=None):
 def validate_args(args):
     validate_common_args(args)
     check_positive(args, "inner_steps", "inner_lr", "population_size", "inner_model_lifetime", "temperature",
-                   "truncate_window", "compare_every", "max_grad_norm")
+                   "truncate_window", "compare_every", "max_grad_norm", "num_candidate_noises", "val_batch_size")
+    check_positive(args, "num_valuation_groups", allow_zero=True)
+    if args.weighting_scope == "candidates" and args.num_candidate_noises < 2:
+        raise UsageError("--weighting_scope candidates needs --num_candidate_noises >= 2 (with one noise per image "
+                         "every weight is 1); use --weighting_scope batch for one noise per image.")
+    if args.meta_gradient == "forward" and (args.inner_steps != 1 or args.truncate_window is not None):
+        raise UsageError("--meta_gradient forward is exact for --inner_steps 1 only (and no --truncate_window); "
+                         "use --meta_gradient reverse or auto.")
 
 
 def build_rater_config(args, channels, num_classes):
@@ -109,9 +134,11 @@ tags:
 # NoiseRater rater
 
 A `NoiseRaterModel` that scores diffusion training noise realisations eps for an image x0 at
-timestep t, meta-trained with `train_noiserater.py` (bilevel optimisation: {args.inner_steps} unrolled
-`{args.inner_optimizer}` inner steps at lr {args.inner_lr}, population of {args.population_size} inner UNets
-per process, lifetime {args.inner_model_lifetime} meta-steps, temperature {args.temperature}).
+timestep t, meta-trained with `train_noiserater.py` (bilevel optimisation: {args.inner_steps}
+`{args.inner_optimizer}` inner step(s) at lr {args.inner_lr}, population of {args.population_size} inner UNets
+per process, lifetime {args.inner_model_lifetime} meta-steps, temperature {args.temperature}; inner batches of
+{args.train_batch_size} images x {args.num_candidate_noises} candidate noises, soft weights over
+`{args.weighting_scope}`; meta-gradient `{args.meta_gradient}`).
 
 - Data: {data_description}
 - Meta-steps: {metrics.get('step')} ; outer learning rate {args.learning_rate}; batch size {args.train_batch_size}
@@ -119,6 +146,10 @@ per process, lifetime {args.inner_model_lifetime} meta-steps, temperature {args.
 - Parameters: {rater_params}
 - Last logged outer loss (validation diffusion loss after the inner steps): {metrics.get('outer_loss')}
 - Mean over the run of (uniform - weighted) validation loss on identical batches: {metrics.get('mean_gain')}
+
+## Valuation accuracy (held-out groups, final rater)
+
+{valuation_text(metrics.get('valuation'))}
 
 ## Use
 
@@ -138,6 +169,60 @@ Command-line arguments of this run:
 """
 
 
+def valuation_text(val) -> str:
+    """Markdown lines for the model card / report from a :meth:`MetaTrainer.valuation_report` summary."""
+    if not val:
+        return "Not measured (`--num_valuation_groups 0`)."
+    lines = [f"On {val['num_groups']} held-out (x0, t) groups of {val['num_candidates']} candidate noises, against the "
+             "exact one-step influence c = <grad l(x0, eps, t), grad L_val> of each candidate at each inner model's "
+             "parameters (larger c = more useful):", "",
+             "| inner model age (meta-steps) | within-group Spearman rho | gain of rater's pick | random pick | "
+             "oracle pick | fraction of oracle's gain captured |", "|---|---|---|---|---|---|"]
+    for r in val["members"]:
+        lines.append(f"| {r['age']} | {r['spearman_rho']:+.3f} | {r['gain_rater']:.3e} | {r['gain_random']:.3e} | "
+                     f"{r['gain_oracle']:.3e} | {r['fraction_of_oracle']:+.3f} |")
+    lines += ["", f"Mean over inner models: rho {val['spearman_rho']:+.3f}, fraction of the oracle's gain "
+              f"{val['fraction_of_oracle']:+.3f} (1 = picks like the oracle, 0 = no better than a random pick)."]
+    return "\n".join(lines)
+
+
+def summarize_valuation(report, num_candidates):
+    """Mean over the population's members of a :meth:`MetaTrainer.valuation_report`."""
+    keys = ["spearman_rho", "gain_rater", "gain_random", "gain_oracle", "gain_worst", "fraction_of_oracle"]
+    out = {k: sum(r[k] for r in report) / len(report) for k in keys}
+    out.update(num_groups=report[0]["num_groups"], num_candidates=num_candidates,
+               members=[{k: r[k] for k in keys + ["member", "age"]} for r in report])
+    return out
+
+
+def plot_valuation(records, path):
+    """valuation_accuracy.png: within-group Spearman rho and fraction of the oracle's gain over meta-steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    for a, key, name in [(ax[0], "spearman_rho", "within-group Spearman rho(score, influence)"),
+                         (ax[1], "fraction_of_oracle", "fraction of the oracle's gain captured")]:
+        for m in range(len(records[0]["members"])):
+            a.plot(steps, [r["members"][m][key] for r in records], ".", alpha=0.4, label=f"inner model {m}")
+        a.plot(steps, [r[key] for r in records], "k-o", ms=3, label="mean")
+        a.axhline(0, color="grey", lw=0.6)
+        a.set_xlabel("meta-step"); a.set_ylabel(name, fontsize=8); a.legend(fontsize=7)
+    last = records[-1]
+    names = ["worst", "random", "rater", "oracle"]
+    vals = [last["gain_worst"], last["gain_random"], last["gain_rater"], last["gain_oracle"]]
+    ax[2].bar(names, vals, color=["tab:red", "tab:grey", "tab:blue", "tab:green"])
+    ax[2].axhline(0, color="k", lw=0.5)
+    ax[2].set_ylabel("one-step gain of the pick (mean c)", fontsize=8)
+    ax[2].set_title(f"final (meta-step {last['step']})", fontsize=9)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
 def plot_evidence(history, path):
     import matplotlib
 
@@ -149,8 +234,9 @@ def plot_evidence(history, path):
         return
     steps = [h["step"] for h in pts]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot(steps, [h["val_loss_uniform"] for h in pts], label="uniform weights")
-    ax[0].plot(steps, [h["outer_loss"] for h in pts], label="rater soft weights")
+    # the two curves nearly coincide: distinct markers and line styles keep both visible
+    ax[0].plot(steps, [h["val_loss_uniform"] for h in pts], "o--", ms=5, mfc="none", label="uniform weights")
+    ax[0].plot(steps, [h["outer_loss"] for h in pts], "x-", ms=5, lw=0.8, label="rater soft weights")
     ax[0].set_xlabel("meta-step"); ax[0].set_ylabel("val. loss after K inner steps"); ax[0].legend()
     gain = [h["val_loss_uniform"] - h["outer_loss"] for h in pts]
     ax[1].plot(steps, gain, ".", alpha=0.5)
@@ -245,16 +331,20 @@ def main(argv=None):
         rater, lambda: UNet2DModel.from_config(unet_cfg), scheduler,
         population_size=args.population_size, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
         inner_optimizer=args.inner_optimizer, inner_model_lifetime=args.inner_model_lifetime,
-        temperature=args.temperature, truncate_window=args.truncate_window, outer_lr=args.learning_rate,
+        temperature=args.temperature, truncate_window=args.truncate_window,
+        weighting_scope=args.weighting_scope, meta_gradient_method=args.meta_gradient, outer_lr=args.learning_rate,
         outer_weight_decay=args.adam_weight_decay, max_grad_norm=args.max_grad_norm,
         seed=args.seed * 1000 + rank, grad_reduce=grad_reduce, nonfinite="raise", device=device,
     )
     train_stream = ResumableBatches(splits.train, args.train_batch_size, seed=args.seed, shard=rank, num_shards=world)
-    val_stream = ResumableBatches(splits.validation, min(args.train_batch_size, len(splits.validation) // world),
+    val_bs = args.val_batch_size or args.train_batch_size * args.num_candidate_noises
+    val_stream = ResumableBatches(splits.validation, min(val_bs, len(splits.validation) // world),
                                   seed=args.seed + 7919, shard=rank, num_shards=world)
     noise_gen = torch.Generator().manual_seed(args.seed * 1000 + rank + 17)
     skips = SkipCounter(args.max_consecutive_skips)
     history_path = os.path.join(args.output_dir, "meta_metrics.jsonl")
+    valuation_path = os.path.join(args.output_dir, "valuation.jsonl")
+    valuation_data = _valuation_data(args, splits, device) if args.num_valuation_groups else None
 
     # --- resume ---------------------------------------------------------------------------------
     start = 0
@@ -274,9 +364,12 @@ def main(argv=None):
             skips.consecutive, skips.total = state["skips_consecutive"], state["skips_total"]
             if accelerator.is_main_process:  # keep only the history up to the checkpoint
                 truncate_jsonl(history_path, start)
+                truncate_jsonl(valuation_path, start)
             logger.info("Resumed from %s at meta-step %d", ckpt, start)
-    elif accelerator.is_main_process and os.path.exists(history_path):
-        os.remove(history_path)
+    elif accelerator.is_main_process:
+        for path in (history_path, valuation_path):
+            if os.path.exists(path):
+                os.remove(path)
 
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_noiserater", config={k: v for k, v in vars(args).items()
@@ -303,17 +396,25 @@ def main(argv=None):
                             metadata={"script": "train_noiserater.py"})
         accelerator.wait_for_everyone()
 
-    def next_meta_batch(stream):
+    def next_meta_batch(stream, num_candidates=None):
         b = next(stream)
         x0 = b["pixel_values"].to(device)
-        return add_noise_and_timesteps(x0, args.ddpm_num_steps, noise_gen, b.get("class_labels"))
+        return add_noise_and_timesteps(x0, args.ddpm_num_steps, noise_gen, b.get("class_labels"),
+                                       num_candidates=num_candidates)
+
+    def measure_valuation(step):
+        """Valuation accuracy on the fixed held-out groups (main process; the rater is identical on all)."""
+        summary = summarize_valuation(trainer.valuation_report(*valuation_data), args.num_candidate_noises)
+        summary["step"] = step
+        append_jsonl(valuation_path, summary)
+        return summary
 
     progress = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="meta-steps")
     t_start = time.perf_counter()
     for step in range(start, args.max_train_steps):
-        member_batches = [([next_meta_batch(train_stream) for _ in range(args.inner_steps)], next_meta_batch(val_stream))
-                          for _ in range(args.population_size)]
+        member_batches = [([next_meta_batch(train_stream, args.num_candidate_noises) for _ in range(args.inner_steps)],
+                           next_meta_batch(val_stream)) for _ in range(args.population_size)]
         # fault injection (tests): on the last process only, so that multi-process runs see a one-rank fault
         if args.inject_nonfinite_at_step is not None and step == args.inject_nonfinite_at_step and rank == world - 1:
             member_batches[0][1]["x0"] = member_batches[0][1]["x0"] * float("nan")
@@ -336,6 +437,12 @@ def main(argv=None):
             append_jsonl(history_path, metrics)
             if args.report_to != "none":
                 accelerator.log({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step + 1)
+        if valuation_data is not None and compare and accelerator.is_main_process:
+            v = measure_valuation(step + 1)
+            metrics.update(valuation_rho=v["spearman_rho"], valuation_fraction_of_oracle=v["fraction_of_oracle"])
+            if args.report_to != "none":
+                accelerator.log({"valuation_rho": v["spearman_rho"],
+                                 "valuation_fraction_of_oracle": v["fraction_of_oracle"]}, step=step + 1)
         progress.update(1)
         progress.set_postfix(outer=f"{metrics['outer_loss']:.4f}")
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
@@ -350,7 +457,15 @@ def main(argv=None):
         gains = [h["val_loss_uniform"] - h["outer_loss"] for h in history
                  if "val_loss_uniform" in h and math.isfinite(h.get("outer_loss", float("nan")))]
         last = history[-1] if history else {}
-        summary = {"step": args.max_train_steps, "outer_loss": last.get("outer_loss"),
+        valuation = None
+        if valuation_data is not None:
+            records = read_jsonl(valuation_path)
+            if not records or records[-1]["step"] != args.max_train_steps:
+                measure_valuation(args.max_train_steps)
+                records = read_jsonl(valuation_path)
+            valuation = records[-1]
+            plot_valuation(records, os.path.join(args.output_dir, "valuation_accuracy.png"))
+        summary = {"step": args.max_train_steps, "outer_loss": last.get("outer_loss"), "valuation": valuation,
                    "mean_gain": sum(gains) / len(gains) if gains else None, "num_comparisons": len(gains),
                    "wall_time_s": time.perf_counter() - t_start, "skipped_steps": skips.total,
                    "data": splits.description, "world_size": world, "ranks_consistent": ranks_consistent}
@@ -371,6 +486,30 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def _valuation_data(args, splits, device):
+    """Fixed held-out groups for the valuation report: (groups, val_batch), drawn from the validation split
+    with their own seeded generator (identical at every measurement and on resume); ``None`` with a warning
+    when the validation split has fewer than 4 images."""
+    n_val = len(splits.validation)
+    n_groups = min(args.num_valuation_groups, n_val // 2)
+    if n_groups < 2:
+        logger.warning("Valuation-accuracy report skipped: the validation split has %d image(s), too few for "
+                       "held-out groups (raise --validation_split or add data; --num_valuation_groups 0 silences this).",
+                       n_val)
+        return None
+    g = torch.Generator().manual_seed(args.seed + 424242)
+    order = torch.randperm(n_val, generator=g)
+    def stack(idx):
+        items = [splits.validation[int(i)] for i in idx]
+        out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        return out["pixel_values"].to(device), out.get("class_labels")
+    x0, labels = stack(order[:n_groups])
+    groups = add_noise_and_timesteps(x0, args.ddpm_num_steps, g, labels, num_candidates=args.num_candidate_noises)
+    n_vb = min(n_val - n_groups, args.val_batch_size or args.train_batch_size * args.num_candidate_noises)
+    xv, lv = stack(order[n_groups:n_groups + n_vb])
+    return groups, add_noise_and_timesteps(xv, args.ddpm_num_steps, g, lv)
 
 
 def _channels(args):

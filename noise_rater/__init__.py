@@ -10,7 +10,8 @@ from .sampling import (
     UniformNoiseSampler,
     build_noise_sampler,
 )
-from .weighting import compute_snr, min_snr_weights, soft_weights
+from .valuation import OracleNoiseSelector, one_step_influence, valuation_accuracy
+from .weighting import candidate_soft_weights, compute_snr, min_snr_weights, soft_weights
 
 __all__ = [
     "NoiseRaterModel",
@@ -20,7 +21,11 @@ __all__ = [
     "KNNNoiseSampler",
     "AssignmentNoiseSampler",
     "build_noise_sampler",
+    "OracleNoiseSelector",
+    "one_step_influence",
+    "valuation_accuracy",
     "soft_weights",
+    "candidate_soft_weights",
     "min_snr_weights",
     "compute_snr",
 ]

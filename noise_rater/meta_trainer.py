@@ -1,9 +1,11 @@
 """Outer loop of stage 1: a population of inner diffusion models and the rater's outer optimiser.
 
 Per meta-step, every member m of the population (P inner models, each with its own parameters
-theta_m and inner-optimiser state) runs K rater-weighted inner steps on fresh training batches
-(:func:`noise_rater.bilevel.meta_objective`), is scored on a validation batch, and contributes
-dJ_m/dphi. The rater phi takes one Adam step on the mean meta-gradient (clipped by norm). Each
+theta_m and inner-optimiser state) runs K rater-weighted inner steps on fresh training batches (B
+images, each with one timestep and N candidate noises; weights softmax-normalised within each image's
+candidates by default, see :func:`noise_rater.weighting.candidate_soft_weights`), is scored on a
+validation batch, and contributes dJ_m/dphi (:func:`noise_rater.bilevel.meta_gradient`: one
+forward-mode JVP for K = 1, backpropagation through the unrolled steps for K > 1). The rater phi takes one Adam step on the mean meta-gradient (clipped by norm). Each
 member then keeps its updated, detached theta_m, so members keep training across meta-steps;
 member m is re-initialised whenever its age reaches ``inner_model_lifetime``; initial ages are
 staggered (age_m = m * lifetime / P), so the population always spans early to late training.
@@ -16,21 +18,25 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .bilevel import InnerState, meta_objective, unroll, validation_loss_at
+from .bilevel import InnerState, meta_gradient, unroll, validation_loss_at
 from .training_utils import NonFiniteError
+from .valuation import evaluate_valuation
 
 Batch = Mapping[str, torch.Tensor]
 
 
 def add_noise_and_timesteps(
-    x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator, class_labels=None
+    x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator, class_labels=None,
+    num_candidates: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
     """Complete a batch of clean images into a meta-batch: eps ~ N(0, I) and t ~ U{0..T-1}.
 
-    x0 `(B, C, H, W)` -> ``{"x0", "noise" (B, C, H, W), "timesteps" (B,), ["class_labels" (B,)]}``,
-    all randomness drawn from ``generator`` (a CPU generator; tensors are moved to x0's device).
+    x0 `(B, C, H, W)` -> ``{"x0", "noise", "timesteps" (B,), ["class_labels" (B,)]}`` with noise of shape
+    `(B, C, H, W)` (``num_candidates=None``) or `(B, N, C, H, W)` (N candidates per image, the grouped
+    layout), all randomness drawn from ``generator`` (a CPU generator; tensors are moved to x0's device).
     """
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    shape = tuple(x0.shape) if num_candidates is None else (x0.shape[0], int(num_candidates), *x0.shape[1:])
+    noise = torch.randn(shape, generator=generator, dtype=x0.dtype).to(x0.device)
     t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
     out = {"x0": x0, "noise": noise, "timesteps": t}
     if class_labels is not None:
@@ -50,7 +56,10 @@ class MetaTrainer:
         scheduler: ``DDPMScheduler``.
         population_size: P.
         inner_steps: K, unrolled inner steps per meta-step.
-        inner_lr, inner_optimizer, temperature, truncate_window: see :func:`noise_rater.bilevel.unroll`.
+        inner_lr, inner_optimizer, temperature, truncate_window, weighting_scope: see
+            :func:`noise_rater.bilevel.unroll` (``weighting_scope`` "candidates" by default).
+        meta_gradient_method: ``"auto"`` (forward-mode for K = 1, reverse otherwise), ``"forward"`` or
+            ``"reverse"`` (see :func:`noise_rater.bilevel.meta_gradient`).
         inner_model_lifetime: meta-steps after which a member is re-initialised.
         outer_lr, outer_betas, outer_weight_decay: the rater's Adam(W) optimiser.
         max_grad_norm: clip the mean meta-gradient to this norm (``None``: no clipping).
@@ -75,6 +84,8 @@ class MetaTrainer:
         inner_model_lifetime: int = 200,
         temperature: float = 1.0,
         truncate_window: Optional[int] = None,
+        weighting_scope: str = "candidates",
+        meta_gradient_method: str = "auto",
         outer_lr: float = 1e-3,
         outer_betas: Tuple[float, float] = (0.9, 0.999),
         outer_weight_decay: float = 0.0,
@@ -100,6 +111,8 @@ class MetaTrainer:
         self.lifetime = inner_model_lifetime
         self.temperature = temperature
         self.truncate_window = truncate_window
+        self.weighting_scope = weighting_scope
+        self.meta_gradient_method = meta_gradient_method
         self.max_grad_norm = max_grad_norm
         self.seed = seed
         self.grad_reduce = grad_reduce
@@ -174,11 +187,13 @@ class MetaTrainer:
             if len(train_batches) != self.inner_steps:
                 raise ValueError(f"member {m}: expected {self.inner_steps} inner batches, got {len(train_batches)}")
             state = self.members[m]
-            J, inner = meta_objective(
+            mg = meta_gradient(
                 self.rater, self.template, self.scheduler, train_batches, val_batch,
-                inner_lr=self.inner_lr, inner_optimizer=self.inner_optimizer, temperature=self.temperature,
-                state=state, truncate_window=self.truncate_window, return_inner=True,
+                method=self.meta_gradient_method, inner_lr=self.inner_lr, inner_optimizer=self.inner_optimizer,
+                temperature=self.temperature, state=state, truncate_window=self.truncate_window,
+                weighting_scope=self.weighting_scope,
             )
+            J, inner = mg.value, mg.inner
             # A non-finite value is only recorded here: every process must still reach the gradient
             # all-reduce below, which also tells all of them whether any process saw one.
             if not all(bool(torch.isfinite(w).all()) for w in inner.weights):
@@ -187,13 +202,12 @@ class MetaTrainer:
             if not torch.isfinite(J):
                 bad = bad or f"meta-loss (validation loss of inner model {m})"
                 continue
-            grads = torch.autograd.grad(J, params, allow_unused=True)
-            for acc, g in zip(total, grads):
+            for acc, g in zip(total, mg.grads):
                 if g is not None:
                     acc.add_(g.detach())
             outer_losses.append(float(J.detach()))
             new_states.append(inner.state.detached())
-            del J, inner, grads
+            del J, inner, mg
             if compare_uniform:
                 uni = unroll(None, self.template, self.scheduler, train_batches, inner_lr=self.inner_lr,
                              inner_optimizer=self.inner_optimizer, state=state, create_graph=False)
@@ -227,6 +241,19 @@ class MetaTrainer:
         if compare_uniform:
             metrics["val_loss_uniform"] = sum(uniform_losses) / len(uniform_losses)
         return metrics
+
+    def valuation_report(self, groups: Batch, val_batch: Batch) -> List[Dict[str, float]]:
+        """Valuation accuracy of the rater for every member of the population (they span ages from fresh
+        to ``inner_model_lifetime``): :func:`noise_rater.valuation.evaluate_valuation` on held-out
+        ``groups`` (x0, noise `(G, N, C, H, W)`, timesteps) against the exact one-step influence at each
+        member's current parameters, with ``val_batch`` defining L_val. Each dict also has ``member`` and
+        ``age`` (meta-steps since its last initialisation)."""
+        out = []
+        for m, state in enumerate(self.members):
+            metrics = evaluate_valuation(self.rater, self.template, self.scheduler, groups, val_batch,
+                                         params=state.params)
+            out.append(dict(metrics, member=m, age=self.ages[m]))
+        return out
 
     def _nonfinite(self, what: str):
         if self.nonfinite == "raise":

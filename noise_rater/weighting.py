@@ -1,7 +1,9 @@
 """Per-sample loss weights w: pure functions on tensors.
 
-* :func:`soft_weights` -- NoiseRater's soft weighting used in meta-training: rater scores s of a
-  batch -> w = B * softmax(s / tau), so mean(w) == 1 and uniform scores give the plain loss.
+* :func:`soft_weights` -- NoiseRater's soft weighting: rater scores s -> w = n * softmax(s / tau) along
+  one dimension, so mean(w) == 1 there and uniform scores give the plain loss.
+* :func:`candidate_soft_weights` -- the per-candidate scope used in meta-training by default: for each
+  (x0, t) group of N candidate noises, w = N * softmax(s / tau) over that group's N scores.
 * :func:`min_snr_weights` -- the Min-SNR-gamma baseline (Hang et al. 2023).
 * :func:`compute_snr` -- SNR(t) = alpha_bar_t / (1 - alpha_bar_t) from a scheduler.
 """
@@ -31,6 +33,36 @@ def soft_weights(scores: torch.Tensor, temperature: float = 1.0, dim: int = 0) -
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     n = scores.shape[dim]
     return n * torch.softmax(scores / temperature, dim=dim)
+
+
+WEIGHTING_SCOPES = ("candidates", "batch")
+
+
+def candidate_soft_weights(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    r"""Per-candidate soft weights: one softmax per (x0, t) group of N candidate noises.
+
+    w_bn = N * exp(s_bn / tau) / sum_m exp(s_bm / tau), so every group's weights have mean 1 and the
+    weighted loss (1 / (B N)) sum_bn w_bn l_bn gives every image x0_b the same total weight; only the
+    split of that weight among its N noises is learned. This is the question stage 2 asks the rater
+    (which of N noises for this x0 at this t): as tau -> 0 the weights tend to N * one_hot(argmax_n s_bn),
+    i.e. the soft weighting becomes the hard argmax selection of
+    :class:`noise_rater.NoiseSelectingSampler` (up to the factor N, which the mean over B*N samples
+    cancels). A batch-wide softmax (:func:`soft_weights` over all B*N scores) instead also trades weight
+    between images and timesteps, which stage 2 cannot use.
+
+    Args:
+        scores (`torch.Tensor` of shape `(B, N)`): rater scores of N candidates for each of B groups.
+        temperature (`float`): tau > 0.
+
+    Returns:
+        `torch.Tensor` of shape `(B, N)`: weights, mean 1 along dim 1. Differentiable.
+
+    Raises:
+        ValueError: if ``scores`` is not 2-D or ``temperature`` <= 0.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"candidate scores must have shape (B, N), got {tuple(scores.shape)}")
+    return soft_weights(scores, temperature, dim=1)
 
 
 def compute_snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

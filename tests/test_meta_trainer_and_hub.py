@@ -19,9 +19,11 @@ def factory():
                        up_block_types=("UpBlock2D", "UpBlock2D"))
 
 
-def member_batches(P, K, g, B=4):
-    mk = lambda: add_noise_and_timesteps(torch.rand(B, 1, 8, 8, generator=g) * 2 - 1, 100, g)  # noqa: E731
-    return [([mk() for _ in range(K)], mk()) for _ in range(P)]
+def member_batches(P, K, g, B=4, N=2):
+    """P members x (K grouped training batches of B images x N candidate noises, one flat validation batch)."""
+    mk = lambda n: add_noise_and_timesteps(torch.rand(B, 1, 8, 8, generator=g) * 2 - 1, 100, g,  # noqa: E731
+                                           num_candidates=n)
+    return [([mk(N) for _ in range(K)], mk(None)) for _ in range(P)]
 
 
 def make_trainer(**kw):

@@ -235,6 +235,30 @@ def test_resume_after_kill_is_bit_identical(tmp_path, tiny_config, rater_path):
         json.load(open(out_b / "final_metrics.json"))["final_val_loss"]
 
 
+@pytest.mark.slow
+def test_oracle_selection_trains_and_resumes_bit_identically(tmp_path, tiny_config):
+    """--noise_selection oracle (exact one-step influence on a fresh validation minibatch each step) trains,
+    saves a pipeline, reports its selection time, and resumes exactly (its minibatches depend on seed and step)."""
+    flags = ["--noise_selection", "oracle", "--num_candidate_noises", "4", "--oracle_val_batch_size", "8",
+             "--checkpointing_steps", "2", "--report_to", "none", "--lr_scheduler", "constant"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    run(base_args(out_a, tiny_config, steps=4) + flags)
+    _, final = check_outputs(str(out_a), 4, generate=False)
+    assert final["select_time_s"] > 0
+    proc = subprocess.Popen([sys.executable, SCRIPT, *base_args(out_b, tiny_config, steps=4), *flags], cwd=REPO_ROOT,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = out_b / "checkpoint-2" / "checkpoint.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert marker.exists()
+    run(base_args(out_b, tiny_config, steps=4) + flags + ["--resume_from_checkpoint", "latest"])
+    name = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+    _assert_same_tensors(load_file(str(out_a / name)), load_file(str(out_b / name)), "oracle-selected unet")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. non-finite loss: stop with exit 3 (last checkpoint intact) or skip the step
 # ----------------------------------------------------------------------------------------------------------------

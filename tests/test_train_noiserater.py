@@ -25,8 +25,9 @@ TINY_UNET = {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_gr
 def common(tmp_path, out, steps=4, extra=()):
     cfg = tmp_path / "unet.json"
     cfg.write_text(json.dumps(TINY_UNET))
-    return ["--resolution", "8", "--train_batch_size", "16", "--max_train_steps", str(steps),
+    return ["--resolution", "8", "--train_batch_size", "4", "--num_candidate_noises", "4", "--max_train_steps", str(steps),
             "--ddpm_num_steps", "50", "--population_size", "2", "--inner_steps", "2", "--compare_every", "2",
+            "--num_valuation_groups", "8",
             "--model_config_name_or_path", str(cfg), "--output_dir", str(out), "--report_to", "none", *extra]
 
 
@@ -44,16 +45,44 @@ def test_digits_end_to_end_loads_with_from_pretrained(tmp_path):
     run(["--dataset_name", "digits", *common(tmp_path, out, steps=4)])
     rater = NoiseRaterModel.from_pretrained(out)
     assert rater.config.in_channels == 1 and rater.config.sample_size == 8
-    for name in ["README.md", "meta_evidence.png", "rater_analysis.png", "meta_summary.json", "meta_metrics.jsonl"]:
+    for name in ["README.md", "meta_evidence.png", "rater_analysis.png", "meta_summary.json", "meta_metrics.jsonl",
+                 "valuation.jsonl", "valuation_accuracy.png"]:
         assert (out / name).exists(), name
     rows = [json.loads(l) for l in (out / "meta_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["outer_loss"]) for r in rows)
     assert "val_loss_uniform" in rows[1]
-    assert "digits" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "digits" in card and "fraction of the oracle's gain" in card and "candidates" in card
+    val = [json.loads(l) for l in (out / "valuation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in val] == [1, 2, 4]  # step 1, every --compare_every, and the end
+    for v in val:
+        assert v["num_groups"] == 8 and v["num_candidates"] == 4 and len(v["members"]) == 2
+        assert -1 <= v["spearman_rho"] <= 1 and v["gain_oracle"] >= v["gain_rater"] >= v["gain_worst"]
+    summary = json.loads((out / "meta_summary.json").read_text())
+    assert summary["valuation"]["step"] == 4
     sampler = NoiseSelectingSampler.from_pretrained(str(out), num_candidates=4)
     x0 = torch.rand(3, 1, 8, 8) * 2 - 1
     assert sampler(x0, torch.tensor([1, 10, 40])).shape == x0.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["candidates", "batch"])
+def test_one_step_forward_mode_meta_training_both_scopes(tmp_path, scope):
+    """K = 1 (the default): the forward-mode meta-gradient drives the run, for both weighting scopes."""
+    out = tmp_path / scope
+    args = common(tmp_path, out, steps=2) + ["--inner_steps", "1", "--weighting_scope", scope]
+    run(["--dataset_name", "digits", *args])
+    rows = [json.loads(l) for l in (out / "meta_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["grad_norm"]) for r in rows)
+    assert f"`{scope}`" in (out / "README.md").read_text()
+
+
+def test_scope_and_meta_gradient_flag_errors(tmp_path):
+    for flags, needle in [(["--weighting_scope", "candidates", "--num_candidate_noises", "1"], "num_candidate_noises >= 2"),
+                          (["--meta_gradient", "forward", "--inner_steps", "2"], "--inner_steps 1 only")]:
+        p = run(["--dataset_name", "digits", *common(tmp_path, tmp_path / "x"), *flags, "--dry_run"], check=False)
+        assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.slow

@@ -241,3 +241,20 @@ def test_min_snr_sample_equals_clipped_x0_mse():
         (torch.minimum(snr, torch.full_like(snr, 5.0)) * sqnorm(x0_hat - x0)).numpy(),
         rtol=1e-12,
     )
+
+
+def test_candidate_soft_weights_closed_form_and_argmax_limit():
+    from noise_rater.weighting import candidate_soft_weights
+
+    s = torch.tensor([[0.0, 1.0, 2.0], [3.0, 3.0, -1.0]], dtype=torch.float64)
+    w = candidate_soft_weights(s, temperature=2.0)
+    e = torch.exp(s / 2.0)
+    torch.testing.assert_close(w, 3 * e / e.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(w.mean(dim=1), torch.ones(2, dtype=torch.float64))
+    # tau -> 0: N * one_hot(argmax) (stage 2's hard selection); a tie splits the weight
+    w0 = candidate_soft_weights(s, temperature=1e-4)
+    torch.testing.assert_close(w0, torch.tensor([[0.0, 0.0, 3.0], [1.5, 1.5, 0.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="B, N"):
+        candidate_soft_weights(s[0], 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        candidate_soft_weights(s, 0.0)
