@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["noise_rater", "noise_rater.*"]),
+    # the evaluate metric's model card, next to its script (evaluate.load(noise_rater.evaluation.FD_METRIC_PATH))
+    package_data={"noise_rater.evaluation.fd_metric": ["README.md"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is bounded above so that an existing torch==2.13.0 CPU install is kept.

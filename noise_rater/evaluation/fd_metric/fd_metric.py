@@ -94,6 +94,9 @@ class FdMetric(evaluate.Metric):
         name = "efflite0" if self.config_name in (None, "default") else self.config_name
         if feature_extractor is None and name not in FEATURE_EXTRACTORS:
             raise ValueError(f"config_name must be one of {FEATURE_EXTRACTORS} (or None), got {self.config_name!r}")
+        if feature_extractor is None and name in ("inception", "dinov2") and weights_path is None:
+            raise ValueError(f"the {name!r} features need weights_path (inception: a local pytorch-fid weights "
+                             "file; dinov2: a local checkpoint folder or a Hub id such as facebook/dinov2-large)")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.extractor_name = name
