@@ -443,7 +443,7 @@ def resolve_dataset_name(dataset_name: str) -> str:
 
 def _offline_hint() -> str:
     return (
-        "Set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, pass a local image folder with "
+        "If the Hugging Face Hub is unreachable: set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, pass a local image folder with "
         f"--train_data_dir, or use a built-in data set that needs no network ({', '.join(BUILTIN_DATASETS)})."
     )
 
@@ -484,7 +484,9 @@ def _probe_hub_dataset(repo_id: str, what: str):
     except Exception as e:  # noqa: BLE001 - connection refused, DNS failure, timeout, proxy errors
         raise DataError(
             f"Could not load the {what}: the Hugging Face Hub ({HfApi().endpoint}) is unreachable "
-            f"({type(e).__name__}: {e}). {_offline_hint()}"
+            f"({type(e).__name__}: {e}). Set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, pass "
+            f"a local image folder with --train_data_dir, or use a built-in data set that needs no network "
+            f"({', '.join(BUILTIN_DATASETS)})."
         ) from e
 
 
