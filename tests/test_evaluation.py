@@ -394,6 +394,12 @@ def test_evaluate_pipeline_end_to_end(tiny_pipeline_path):
     ref = validation_loss(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), triples)
     assert m["val_loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert evaluate_pipeline(tiny_pipeline_path, real, **kw) == m  # deterministic
+    # Real-image features cached by the caller give the same numbers (the benchmark extracts them once).
+    cache = {}
+    assert evaluate_pipeline(tiny_pipeline_path, real, real_features=cache, **kw) == m
+    assert cache["efflite0"].shape == (6, 1280)
+    cache["efflite0"] = cache["efflite0"] + 1.0  # a shifted cache must change FD: it is really used
+    assert evaluate_pipeline(tiny_pipeline_path, real, real_features=cache, **kw)["fd_efflite0"] != m["fd_efflite0"]
     # Loss only.
     only = evaluate_pipeline(tiny_pipeline_path, None, num_samples=0, triples=triples, device="cpu")
     assert set(only) == set(k for k in m if k.startswith("val_"))
