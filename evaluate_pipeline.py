@@ -5,11 +5,13 @@ against held-out real images, plus the held-out diffusion loss per timestep band
 FD-EffLite0 uses EfficientNet-Lite0 features (weights ship in a pip wheel, no download). It is NOT FID and is
 NOT comparable to published FID numbers; use it to compare models evaluated with this script. Standard FID is
 computed only with ``--inception_weights PATH`` (a local pytorch-fid ``pt_inception-2015-12-05-*.pth``, needs
-``pip install pytorch-fid``).
+``pip install pytorch-fid``); FD_DINOv2 (the metric EDM2 reports) with ``--dinov2_checkpoint`` (a local DINOv2
+folder or a Hub id such as ``facebook/dinov2-large``). The FD / KID numbers come from the project's ``evaluate``
+metric, ``evaluate.load(noise_rater.evaluation.FD_METRIC_PATH)``.
 
 Example::
 
-    python evaluate_pipeline.py --pipeline_path ./ddpm-mnist --dataset_name mnist --resolution 32 \
+    python evaluate_pipeline.py --pipeline_path ./ddpm-fashion --dataset_name fashion_mnist --resolution 32 \
         --num_samples 1000 --num_inference_steps 50 --scheduler ddim --output_json metrics.json
 """
 
@@ -18,6 +20,7 @@ import json
 import logging
 import math
 import os
+import warnings
 
 import torch
 
@@ -25,31 +28,41 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Evaluate a DDPMPipeline (FD-EffLite0, KID, FID, held-out loss).")
+    parser = argparse.ArgumentParser(description="Evaluate a DDPMPipeline (FD-EffLite0, KID, FID, FD_DINOv2, "
+                                     "held-out loss).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pipeline_path", type=str, required=True,
                         help="Folder of a DDPMPipeline saved with `save_pretrained` (unet/ + scheduler/).")
     parser.add_argument("--dataset_name", type=str, default=None,
-                        help="Hub dataset name (or local loading script/folder) of the real images.")
+                        help="Data set of the real images, as used for training: a built-in (digits, fashion_mnist), "
+                        "an alias (ffhq -> merkol/ffhq-256, imagenet -> ILSVRC/imagenet-1k), a Hub dataset id "
+                        "(owner/name) or a local data set folder, loaded with datasets.load_dataset.")
     parser.add_argument("--dataset_config_name", type=str, default=None, help="Dataset config name.")
     parser.add_argument("--train_data_dir", type=str, default=None,
                         help="Local image folder (alternative to --dataset_name).")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="Image resolution of the real images; defaults to the unet's sample_size.")
-    parser.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop.")
+                        help="Image resolution of the real images; None means the unet's sample_size.")
+    parser.add_argument("--center_crop", action="store_true",
+                        help="Accepted for compatibility with diffusers' scripts; no effect: images are resized so "
+                        "that the shorter edge is --resolution and then always centre-cropped (never random).")
     parser.add_argument("--validation_split", type=float, default=0.1,
                         help="Held-out fraction; must match training so the held-out images were never trained on.")
     parser.add_argument("--split_seed", type=int, default=0,
                         help="Seed of the train/validation split (must match training).")
     parser.add_argument("--max_real_images", type=int, default=None,
-                        help="Use at most this many held-out real images (default: all).")
+                        help="Use at most this many held-out real images; None means all.")
     parser.add_argument("--num_samples", type=int, default=1000, help="Number of generated images.")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--scheduler", type=str, default="ddim", choices=["ddim", "ddpm"])
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampler steps per generated image.")
+    parser.add_argument("--scheduler", type=str, default="ddim", choices=["ddim", "ddpm"],
+                        help="Sampler: DDIM (eta = 0) or ancestral DDPM, built from the pipeline's scheduler config.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampler noise and KID subsets.")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64, help="Sampling, feature and loss batch size.")
     parser.add_argument("--no_efflite0", action="store_true", help="Skip FD-EffLite0 / KID.")
     parser.add_argument("--inception_weights", type=str, default=None,
                         help="Local pytorch-fid Inception weights file; enables standard FID (never downloaded).")
+    parser.add_argument("--dinov2_checkpoint", type=str, default=None,
+                        help="DINOv2 checkpoint for FD_DINOv2 (as EDM2 reports): a local folder saved with "
+                        "save_pretrained, or a Hub id such as facebook/dinov2-large (downloaded by transformers "
+                        "unless cached; never with HF_HUB_OFFLINE=1).")
     parser.add_argument("--fd_method", type=str, default="sqrtm", choices=["sqrtm", "eigh"],
                         help="Frechet distance trace term: scipy sqrtm (pytorch-fid) or an equivalent, faster eigh.")
     parser.add_argument("--no_val_loss", action="store_true", help="Skip the held-out diffusion loss.")
@@ -57,7 +70,7 @@ def parse_args(input_args=None):
                         help="(noise, timestep) draws per held-out image for the validation loss.")
     parser.add_argument("--val_loss_seed", type=int, default=1234, help="Seed of the fixed validation triples.")
     parser.add_argument("--val_loss_bands", type=int, default=4, help="Number of equal timestep bands.")
-    parser.add_argument("--device", type=str, default=None, help="Defaults to cuda if available, else cpu.")
+    parser.add_argument("--device", type=str, default=None, help="Device; None means cuda if available, else cpu.")
     parser.add_argument("--output_json", type=str, default=None, help="Where to write the metrics JSON.")
     args = parser.parse_args(input_args)
     if args.dataset_name is None and args.train_data_dir is None:
@@ -113,7 +126,7 @@ def main(input_args=None):
 
     from diffusers import DDPMPipeline
 
-    from noise_rater.evaluation import evaluate_pipeline, make_eval_triples
+    from noise_rater.evaluation import RankDeficientCovarianceWarning, evaluate_pipeline, make_eval_triples
 
     pipe = DDPMPipeline.from_pretrained(args.pipeline_path)
     unet_cfg = pipe.unet.config
@@ -141,21 +154,30 @@ def main(input_args=None):
         logger.warning("The unet is class-conditional; DDPMPipeline cannot sample it, so FD/KID are skipped.")
         num_samples = 0
 
-    metrics = evaluate_pipeline(
-        pipe,
-        real_images,
-        num_samples=num_samples,
-        num_inference_steps=args.num_inference_steps,
-        scheduler=args.scheduler,
-        seed=args.seed,
-        feature_extractor=None if args.no_efflite0 else "efflite0",
-        inception_weights=args.inception_weights,
-        triples=triples,
-        batch_size=args.batch_size,
-        device=args.device,
-        loss_bands=args.val_loss_bands,
-        fd_method=args.fd_method,
-    )
+    # A real (or generated) set too small for a full-rank covariance: log the metric's reason and remedy.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RankDeficientCovarianceWarning)
+        metrics = evaluate_pipeline(
+            pipe,
+            real_images,
+            num_samples=num_samples,
+            num_inference_steps=args.num_inference_steps,
+            scheduler=args.scheduler,
+            seed=args.seed,
+            feature_extractor=None if args.no_efflite0 else "efflite0",
+            inception_weights=args.inception_weights,
+            dinov2_checkpoint=args.dinov2_checkpoint,
+            triples=triples,
+            batch_size=args.batch_size,
+            device=args.device,
+            loss_bands=args.val_loss_bands,
+            fd_method=args.fd_method,
+        )
+    for w in caught:
+        if issubclass(w.category, RankDeficientCovarianceWarning):
+            logger.warning("%s", w.message)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     result = {"metrics": _json_safe(metrics), "config": vars(args)}
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     print(text)

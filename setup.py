@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["noise_rater", "noise_rater.*"]),
+    # the evaluate metric's model card, next to its script (evaluate.load(noise_rater.evaluation.FD_METRIC_PATH))
+    package_data={"noise_rater.evaluation.fd_metric": ["README.md"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is bounded above so that an existing torch==2.13.0 CPU install is kept.

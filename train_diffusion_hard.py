@@ -56,6 +56,7 @@ from noise_rater.checkpointing import (
 )
 from noise_rater.data import BUILTIN_DATASETS, DataError, ResumableBatches, prepare_datasets
 from noise_rater.diffusion import per_sample_diffusion_loss, sample_timesteps
+from noise_rater.evaluation.validation import make_validation_triples, run_validation
 from noise_rater.training_utils import (
     NonFiniteError,
     SkipCounter,
@@ -536,46 +537,6 @@ def load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, g
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_validation_triples(args, validation, num_train_timesteps):
-    """Fixed (x0, eps, t) triples: images i % len(validation) for i < N, eps ~ N(0, I), stratified t.
-
-    Depends only on the validation split, N, T and ``--validation_seed``: identical for every method and run.
-    """
-    from noise_rater.evaluation import make_eval_triples
-
-    n = args.num_validation_triples
-    items = [validation[i % len(validation)] for i in range(n)]
-    x0 = torch.stack([it["pixel_values"] for it in items])
-    labels = torch.stack([it["class_labels"] for it in items]) if "class_labels" in items[0] else None
-    return make_eval_triples(x0, num_train_timesteps, seed=args.validation_seed, repeats=1, class_labels=labels)
-
-
-def run_validation(args, model, ema, noise_scheduler, triples):
-    """Held-out loss with the raw weights and (with EMA) the EMA weights; keys ``val_loss[_band_k]`` are the
-    weights that get saved (EMA if --use_ema), ``val_loss_raw[_band_k]`` the raw ones (only with EMA)."""
-    from noise_rater.evaluation import validation_loss
-
-    def flat(res, prefix):  # {"loss", "loss_band_k"} -> {prefix, prefix_band_k}
-        return {prefix + key[len("loss"):]: value for key, value in res.items() if key.startswith("loss")}
-
-    with isolated_torch_rng():
-        batch_size = max(args.eval_batch_size, 1)
-        raw = validation_loss(model, noise_scheduler, triples, batch_size=batch_size, bands=4)
-        record = {"band_edges": raw["band_edges"]}
-        if ema is None:
-            record.update(flat(raw, "val_loss"))
-        else:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            try:
-                with_ema = validation_loss(model, noise_scheduler, triples, batch_size=batch_size, bands=4)
-            finally:
-                ema.restore(model.parameters())
-            record.update(flat(with_ema, "val_loss"))
-            record.update(flat(raw, "val_loss_raw"))
-    return record
-
-
 def save_grid(args, model, ema, noise_scheduler, num_classes, path, step, accelerator):
     labels = None
     if args.class_conditional:
@@ -735,7 +696,8 @@ def main(args):
         accelerator.init_trackers(SCRIPT_NAME, config=tracker_config)
     triples = None
     if accelerator.is_main_process:
-        triples = make_validation_triples(args, splits.validation, args.ddpm_num_steps)
+        triples = make_validation_triples(splits.validation, args.num_validation_triples, args.ddpm_num_steps,
+                                          seed=args.validation_seed)
 
     num_params = sum(p.numel() for p in accelerator.unwrap_model(unet).parameters())
     log.info("***** Running training *****")
@@ -748,7 +710,8 @@ def main(args):
 
     def validate_and_log(step):
         t0 = time.perf_counter()
-        record = run_validation(args, accelerator.unwrap_model(unet), ema, noise_scheduler, triples)
+        record = run_validation(accelerator.unwrap_model(unet), ema, noise_scheduler, triples,
+                                batch_size=args.eval_batch_size)
         totals["validation_time_s"] += time.perf_counter() - t0
         record["step"] = step
         append_jsonl(validation_path, record)

@@ -12,7 +12,9 @@ Sources (exactly one per call of :func:`prepare_datasets`):
 * built-ins (:data:`BUILTIN_DATASETS`): ``"digits"`` (scikit-learn, 1797 8x8 images) and
   ``"fashion_mnist"`` (the gzipped IDX training files of the ``dataset-fashion-mnist`` package).
   They are held as one uint8 tensor `(N, 1, H, W)`, resized once up front, so iterating them is cheap.
-* any other ``dataset_name``: ``datasets.load_dataset(dataset_name, dataset_config_name, split="train")``.
+* any other ``dataset_name``: ``datasets.load_dataset(dataset_name, dataset_config_name, split="train")``,
+  after the aliases of :data:`HUB_DATASET_ALIASES` (``ffhq`` -> ``merkol/ffhq-256``, ``imagenet`` ->
+  ``ILSVRC/imagenet-1k``) are resolved; an unreachable Hub fails within seconds with one clear message.
 * ``train_data_dir``: a folder of images, checked by :func:`preflight_image_folder` and then loaded
   with ``datasets.load_dataset("imagefolder", ...)``.
 
@@ -49,6 +51,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DataError",
     "BUILTIN_DATASETS",
+    "HUB_DATASET_ALIASES",
+    "resolve_dataset_name",
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
     "DatasetSplits",
@@ -412,25 +416,120 @@ def _load_fashion_mnist_files(stamps) -> Tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_hf_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir):
-    """``datasets.load_dataset`` for a Hub/local data set or an image folder, split "train"."""
+#: Short names of public Hub copies of the data sets the design names. A full Hub id (``owner/name``) is used as is.
+HUB_DATASET_ALIASES = {
+    # FFHQ lives in user namespaces only; this copy is parquet, column "image", 70,000 train images at 256x256.
+    "ffhq": "merkol/ffhq-256",
+    # Gated: log in (`hf auth login` or `huggingface-cli login`) and accept the terms on its page first.
+    # Column "image", labels in "label" (1,000 classes) for class-conditional training.
+    "imagenet": "ILSVRC/imagenet-1k",
+}
+_GATED_DATASETS = {"ILSVRC/imagenet-1k"}
+_HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def resolve_dataset_name(dataset_name: str) -> str:
+    """``dataset_name`` with a short alias (:data:`HUB_DATASET_ALIASES`, any case) replaced by its Hub id.
+
+    An existing local path and any other name are returned unchanged; the replacement is logged.
+    """
+    name = os.fspath(dataset_name)
+    if name.lower() in HUB_DATASET_ALIASES and not os.path.exists(name):
+        resolved = HUB_DATASET_ALIASES[name.lower()]
+        logger.info("dataset_name %r resolves to %r", name, resolved)
+        return resolved
+    return name
+
+
+def _offline_hint() -> str:
+    return (
+        "If the Hugging Face Hub is unreachable: set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, pass a local image folder with "
+        f"--train_data_dir, or use a built-in data set that needs no network ({', '.join(BUILTIN_DATASETS)})."
+    )
+
+
+def _login_hint(repo_id: str) -> str:
+    return (
+        f" {repo_id} is gated: run `hf auth login` (or `huggingface-cli login`) with a token of an account that has "
+        f"accepted its terms at https://huggingface.co/datasets/{repo_id}."
+    )
+
+
+def _hub_offline() -> bool:
     import datasets
 
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _probe_hub_dataset(repo_id: str, what: str):
+    """One short metadata request for ``repo_id``, so that an unreachable Hub fails in seconds (not after retries).
+
+    Returns the ``huggingface_hub`` dataset info (None when the request failed for another reason, which
+    ``datasets.load_dataset`` then reports). Raises DataError when the Hub cannot be reached or has no such data set.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        return HfApi().dataset_info(repo_id, timeout=_HUB_PROBE_TIMEOUT_S)
+    except RepositoryNotFoundError as e:
+        aliases = ", ".join(f"{k} -> {v}" for k, v in HUB_DATASET_ALIASES.items())
+        raise DataError(
+            f"Could not load the {what}: the Hugging Face Hub has no data set {repo_id!r} (or it is private and "
+            f"you are not logged in: `hf auth login`). Aliases: {aliases}; built-in data sets: "
+            f"{', '.join(BUILTIN_DATASETS)}."
+        ) from e
+    except HfHubHTTPError:
+        return None  # e.g. a server error: let datasets try and report
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS failure, timeout, proxy errors
+        raise DataError(
+            f"Could not load the {what}: the Hugging Face Hub ({HfApi().endpoint}) is unreachable "
+            f"({type(e).__name__}: {e}). Set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, pass "
+            f"a local image folder with --train_data_dir, or use a built-in data set that needs no network "
+            f"({', '.join(BUILTIN_DATASETS)})."
+        ) from e
+
+
+def _load_hf_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir):
+    """``datasets.load_dataset`` for a Hub/local data set or an image folder, split "train".
+
+    Hub names go through :func:`resolve_dataset_name` (``ffhq``, ``imagenet``). Unless the Hub is in offline mode
+    (``HF_HUB_OFFLINE=1``: only the local cache is used), one short request first checks that the Hub answers and
+    has the data set, so that an unreachable Hub gives one clear DataError within seconds.
+    """
+    import datasets
+
+    repo_id = None
     if train_data_dir is not None:
         args, kwargs = ("imagefolder",), {"data_dir": os.fspath(train_data_dir)}
         what, hint = f"image folder {os.fspath(train_data_dir)}", ""
     else:
-        args, kwargs = (dataset_name, dataset_config_name), {}
-        what = f"dataset {dataset_name!r}" + (f" (config {dataset_config_name!r})" if dataset_config_name else "")
-        hint = (
-            " If it is a Hub dataset, the Hugging Face Hub may be unreachable (offline?); built-in data sets "
-            f"that need no network: {', '.join(BUILTIN_DATASETS)}."
-        )
+        name = resolve_dataset_name(dataset_name)
+        args, kwargs = (name, dataset_config_name), {}
+        what = f"dataset {name!r}" if name == dataset_name else f"dataset {dataset_name!r} (Hub id {name!r})"
+        what += f" (config {dataset_config_name!r})" if dataset_config_name else ""
+        hint = ""
+        if not os.path.exists(name):
+            repo_id = name
+            hint = " " + _offline_hint()
+            if repo_id in _GATED_DATASETS:
+                hint = _login_hint(repo_id) + hint
+            if not _hub_offline():
+                info = _probe_hub_dataset(repo_id, what)
+                if info is not None and getattr(info, "gated", False) and repo_id not in _GATED_DATASETS:
+                    hint = _login_hint(repo_id) + hint
     try:
         return datasets.load_dataset(*args, **kwargs, cache_dir=cache_dir, split="train")
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - wrapped into one user-facing error
+        if repo_id is not None and _hub_offline():
+            raise DataError(
+                f"Could not load the {what}: HF_HUB_OFFLINE is set and it could not be loaded from the Hugging Face cache "
+                f"({type(e).__name__}: {e}). Unset HF_HUB_OFFLINE to download it, pass a local image folder with "
+                f"--train_data_dir, or use a built-in data set that needs no network ({', '.join(BUILTIN_DATASETS)})."
+                + (_login_hint(repo_id) if repo_id in _GATED_DATASETS else "")
+            ) from e
         raise DataError(f"Could not load the {what} ({type(e).__name__}: {e}).{hint}") from e
 
 

@@ -430,6 +430,17 @@ def test_imagefolder_single_image_cannot_be_split(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def _no_hub_probe(monkeypatch):
+    """These tests replace datasets.load_dataset; skip the (network) reachability probe that precedes it, and
+    take the online path even when the suite runs with HF_HUB_OFFLINE=1."""
+    import noise_rater.data
+
+    monkeypatch.setattr(noise_rater.data, "_probe_hub_dataset", lambda repo_id, what: None)
+    monkeypatch.setattr(noise_rater.data, "_hub_offline", lambda: False)
+
+
+@pytest.mark.usefixtures("_no_hub_probe")
 def test_hub_failure_is_wrapped(monkeypatch):
     import datasets
 
@@ -444,6 +455,7 @@ def test_hub_failure_is_wrapped(monkeypatch):
     assert isinstance(info.value.__cause__, ConnectionError)
 
 
+@pytest.mark.usefixtures("_no_hub_probe")
 def test_hub_dataset_columns(monkeypatch):
     import datasets
 
@@ -481,6 +493,7 @@ def test_hub_dataset_columns(monkeypatch):
         prepare_datasets("user/pictures", resolution=4, num_channels=1, use_labels=True)
 
 
+@pytest.mark.usefixtures("_no_hub_probe")
 def test_hub_dataset_without_image_column(monkeypatch):
     import datasets
 

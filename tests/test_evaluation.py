@@ -394,6 +394,12 @@ def test_evaluate_pipeline_end_to_end(tiny_pipeline_path):
     ref = validation_loss(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), triples)
     assert m["val_loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert evaluate_pipeline(tiny_pipeline_path, real, **kw) == m  # deterministic
+    # Real-image features cached by the caller give the same numbers (the benchmark extracts them once).
+    cache = {}
+    assert evaluate_pipeline(tiny_pipeline_path, real, real_features=cache, **kw) == m
+    assert cache["efflite0"].shape == (6, 1280)
+    cache["efflite0"] = cache["efflite0"] + 1.0  # a shifted cache must change FD: it is really used
+    assert evaluate_pipeline(tiny_pipeline_path, real, real_features=cache, **kw)["fd_efflite0"] != m["fd_efflite0"]
     # Loss only.
     only = evaluate_pipeline(tiny_pipeline_path, None, num_samples=0, triples=triples, device="cpu")
     assert set(only) == set(k for k in m if k.startswith("val_"))
@@ -407,7 +413,49 @@ def _load_cli():
     return module
 
 
-def test_cli_with_fake_data_module(tiny_pipeline_path, tmp_path, monkeypatch):
+def _fake_data_module(monkeypatch, calls):
+    def prepare_datasets(dataset_name=None, dataset_config_name=None, train_data_dir=None, *, resolution,
+                         num_channels, center_crop=False, random_flip=False, validation_split=0.1, seed=0, **kw):
+        calls.update(resolution=resolution, num_channels=num_channels, validation_split=validation_split)
+        g = torch.Generator().manual_seed(0)
+        val = [{"pixel_values": torch.rand(num_channels, resolution, resolution, generator=g) * 2 - 1,
+                "class_labels": i % 2} for i in range(5)]
+        return types.SimpleNamespace(train=None, validation=val)
+
+    fake = types.ModuleType("noise_rater.data")
+    fake.prepare_datasets = prepare_datasets
+    monkeypatch.setitem(sys.modules, "noise_rater.data", fake)
+
+
+def test_cli_help_shows_defaults_and_accurate_texts(capsys):
+    cli = _load_cli()
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1000)" in text and "(default: ddim)" in text and "(default: 64)" in text
+    assert "no effect" in text and "always centre-cropped" in text  # --center_crop
+    assert "ffhq -> merkol/ffhq-256" in text and "digits, fashion_mnist" in text  # --dataset_name
+    assert "random-crop" not in text and "loading script" not in text
+
+
+def test_cli_dinov2_fd(tiny_pipeline_path, tmp_path, monkeypatch):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    dino = tmp_path / "dino"
+    Dinov2Model(Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=16,
+                             patch_size=8)).save_pretrained(str(dino))
+    _fake_data_module(monkeypatch, {})
+    metrics = _load_cli().main([
+        "--pipeline_path", tiny_pipeline_path, "--dataset_name", "fake", "--num_samples", "5",
+        "--num_inference_steps", "1", "--device", "cpu", "--no_efflite0", "--no_val_loss",
+        "--dinov2_checkpoint", str(dino), "--fd_method", "eigh",
+    ])
+    assert set(metrics) == {"fd_dinov2", "kid_dinov2_mean", "kid_dinov2_std", "num_samples", "num_real"}
+    assert math.isfinite(metrics["fd_dinov2"]) and metrics["fd_dinov2"] > 0
+
+
+def test_cli_with_fake_data_module(tiny_pipeline_path, tmp_path, monkeypatch, caplog):
     calls = {}
 
     def prepare_datasets(dataset_name=None, dataset_config_name=None, train_data_dir=None, *, resolution,
@@ -433,5 +481,9 @@ def test_cli_with_fake_data_module(tiny_pipeline_path, tmp_path, monkeypatch):
     assert saved["metrics"]["num_real"] == 4 and saved["metrics"]["num_samples"] == 4
     assert saved["metrics"]["fd_efflite0"] == pytest.approx(metrics["fd_efflite0"])
     assert "val_loss" in saved["metrics"] and saved["config"]["scheduler"] == "ddim"
+    # 4 real images for 1280-dimensional features: the reason and the remedy are logged (not scipy's bare warning).
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("Only 4 real images for 1280-dimensional FD-EffLite0 features" in m and "more than 1280" in m
+               for m in logged), logged
     with pytest.raises(SystemExit):
         cli.parse_args(["--pipeline_path", tiny_pipeline_path])  # no data source
