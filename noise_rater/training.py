@@ -95,8 +95,8 @@ class TrainingStepOutput:
 
     Attributes:
         loss: scalar, mean_i w_i l_i, in the autograd graph of the denoiser (backpropagate this).
-        per_sample_loss: `(B,)` float32 l_i, in the graph.
-        weights: `(B,)` float32 w_i (detached): selector importance weights x loss weighting.
+        per_sample_loss: `(B,)` l_i in float32 (float64 for a float64 model), in the graph.
+        weights: `(B,)` w_i in the same dtype (detached): selector importance weights x loss weighting.
         timesteps: `(B,)` int64 t_i.
         noise: `(B, C, H, W)` the chosen eps_i.
         select_time_s: seconds spent drawing the pool, selecting and weighting (device-synchronised).
@@ -270,8 +270,9 @@ def training_step(
     select_time = time.perf_counter() - start
 
     per_sample = per_sample_diffusion_loss(with_model_kwargs(model, model_kwargs), scheduler, x0, noise, timesteps,
-                                           class_labels=class_labels).float()
-    weights = weights.detach()
+                                           class_labels=class_labels)
+    per_sample = per_sample if per_sample.dtype == torch.float64 else per_sample.float()
+    weights = weights.detach().to(per_sample.dtype)
     loss = (weights * per_sample).mean()
     return TrainingStepOutput(loss=loss, per_sample_loss=per_sample, weights=weights, timesteps=timesteps,
                               noise=noise, select_time_s=select_time, selection_failed=failed)
