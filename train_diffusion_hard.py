@@ -659,6 +659,9 @@ def main(args):
                          "process(es); check the accelerate config / launcher flags.")
     log = get_logger(SCRIPT_NAME, log_level="INFO")
     log.info(accelerator.state, main_process_only=False)
+    if args.mixed_precision != "no" and not accelerator.native_amp:  # e.g. fp16 on CPU
+        log.warning("--mixed_precision %s: no autocast on %s, Accelerate trains in float32.", args.mixed_precision,
+                    accelerator.device.type)
     set_seed(args.seed)
     device = accelerator.device
 
