@@ -55,7 +55,8 @@ from noise_rater.checkpointing import (
     save_torch_state,
 )
 from noise_rater.data import BUILTIN_DATASETS, DataError, ResumableBatches, prepare_datasets
-from noise_rater.training import LOSS_WEIGHTINGS, NoiseGenerators, training_step
+from noise_rater.data_workers import WorkerBatches
+from noise_rater.training import LOSS_WEIGHTINGS, NoiseGenerators, build_selector_and_rater, training_step
 from noise_rater.training_utils import (
     NonFiniteError,
     SkipCounter,
@@ -127,6 +128,10 @@ def parse_args(input_args=None):
                         "min_snr); batch-level rules (assignment, rater_soft) act on each micro-batch.")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Recompute the UNet's activations in backward (UNet2DModel.enable_gradient_checkpointing).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="0: load batches in the training process (random flips from the global torch RNG). N > 0: "
+                        "N worker processes build the same batches, with flips seeded per batch (seed, process, "
+                        "epoch, batch): as reproducible and exactly resumable, but other flips than with 0.")
     g.add_argument("--allow_tf32", action="store_true",
                    help="Allow TF32 matmuls / convolutions on Ampere+ GPUs (no effect on CPU).")
 
@@ -164,7 +169,8 @@ def check_args(args) -> None:
     check_positive(args, "num_epochs", "gradient_accumulation_steps", "num_candidate_noises", "selection_temperature", "snr_gamma",
                    "rater_temperature", "validation_steps", "num_validation_triples", "save_images_steps",
                    "num_inference_steps", "eval_batch_size", "ema_inv_gamma")
-    check_positive(args, "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "ema_power", allow_zero=True)
+    check_positive(args, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon",
+                   "ema_power", allow_zero=True)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)!r}")
@@ -422,46 +428,6 @@ def build_unet(args, channels, resolution, num_classes):
         raise UsageError(f"Bad UNet2DModel config: {e}") from None
 
 
-def load_rater(args, device):
-    """The frozen rater (for --noise_selection rater and/or --loss_weighting rater_soft) and its selector."""
-    from noise_rater.sampling import build_noise_sampler
-    from noise_rater.modeling_noise_rater import NoiseRaterModel
-
-    selector, rater = None, None
-    try:
-        if args.noise_selection == "rater":
-            selector = build_noise_sampler(
-                "rater", num_candidates=args.num_candidate_noises,
-                rater_model_name_or_path=args.rater_model_name_or_path, selection_rule=args.selection_rule,
-                temperature=args.selection_temperature, device=device,
-            )
-            rater = selector.rater
-        elif args.loss_weighting == "rater_soft":
-            rater = NoiseRaterModel.from_pretrained(args.rater_model_name_or_path).to(device)
-            rater = rater.eval().requires_grad_(False)
-    except (OSError, ValueError) as e:
-        raise UsageError(
-            f"--rater_model_name_or_path {args.rater_model_name_or_path!r}: cannot load the rater ({e})."
-        ) from None
-    if selector is None:
-        selector = build_noise_sampler(args.noise_selection, num_candidates=args.num_candidate_noises)
-    return selector, rater
-
-
-def check_rater(rater, channels, class_conditional):
-    if rater is None:
-        return
-    if rater.config.in_channels != channels:
-        raise UsageError(
-            f"The rater has in_channels={rater.config.in_channels}, the images have {channels} channel(s)."
-        )
-    if rater.config.num_class_embeds is not None and not class_conditional:
-        raise UsageError(
-            f"The rater is class-conditional (num_class_embeds={rater.config.num_class_embeds}); "
-            "pass --class_conditional."
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
@@ -677,6 +643,8 @@ def main(args):
     log.info("Data: %s", splits.description)
     batches = ResumableBatches(splits.train, args.train_batch_size, seed=args.seed,
                                shard=accelerator.process_index, num_shards=accelerator.num_processes)
+    if args.dataloader_num_workers > 0:
+        batches = WorkerBatches(batches, args.dataloader_num_workers)
     accum = args.gradient_accumulation_steps
     max_train_steps = args.max_train_steps or args.num_epochs * math.ceil(batches.batches_per_epoch / accum)
     if args.lr_warmup_steps >= max_train_steps:
@@ -687,8 +655,11 @@ def main(args):
     unet = build_unet(args, channels, resolution, splits.num_classes)
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                                     prediction_type=args.prediction_type)
-    selector, rater = load_rater(args, device)
-    check_rater(rater, channels, args.class_conditional)
+    selector, rater = build_selector_and_rater(
+        args.noise_selection, num_candidates=args.num_candidate_noises, loss_weighting=args.loss_weighting,
+        rater_model_name_or_path=args.rater_model_name_or_path, selection_rule=args.selection_rule,
+        selection_temperature=args.selection_temperature, in_channels=channels,
+        class_conditional=args.class_conditional, device=device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 

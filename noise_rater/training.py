@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from .diffusion import per_sample_diffusion_loss, sample_timesteps
-from .sampling import draw_candidates
+from .modeling_noise_rater import NoiseRaterModel
+from .sampling import build_noise_sampler, draw_candidates
+from .training_utils import UsageError
 from .weighting import compute_snr, min_snr_weights, soft_weights
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr", "rater_soft")
@@ -276,3 +278,50 @@ def training_step(
     loss = (weights * per_sample).mean()
     return TrainingStepOutput(loss=loss, per_sample_loss=per_sample, weights=weights, timesteps=timesteps,
                               noise=noise, select_time_s=select_time, selection_failed=failed)
+
+
+def build_selector_and_rater(
+    noise_selection: str,
+    *,
+    num_candidates: int = 8,
+    loss_weighting: str = "uniform",
+    rater_model_name_or_path: Optional[str] = None,
+    selection_rule: str = "argmax",
+    selection_temperature: float = 1.0,
+    in_channels: Optional[int] = None,
+    class_conditional: bool = False,
+    device=None,
+):
+    """The selector for :func:`training_step` and the frozen rater (or None) that it and ``rater_soft`` use.
+
+    ``noise_selection`` in {uniform, knn, assignment, rater}; a rater is loaded from
+    ``rater_model_name_or_path`` (folder or hub id) for ``noise_selection="rater"`` or
+    ``loss_weighting="rater_soft"``, in eval mode without gradients.
+
+    Raises:
+        UsageError: the rater cannot be loaded, its ``in_channels`` differs from ``in_channels`` (the
+            images' or latents' channels), or it is class-conditional while ``class_conditional`` is False.
+    """
+    selector, rater = None, None
+    try:
+        if noise_selection == "rater":
+            selector = build_noise_sampler("rater", num_candidates=num_candidates,
+                                           rater_model_name_or_path=rater_model_name_or_path,
+                                           selection_rule=selection_rule, temperature=selection_temperature,
+                                           device=device)
+            rater = selector.rater
+        elif loss_weighting == "rater_soft":
+            rater = NoiseRaterModel.from_pretrained(rater_model_name_or_path).to(device)
+            rater = rater.eval().requires_grad_(False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--rater_model_name_or_path {rater_model_name_or_path!r}: cannot load the rater ({e}).") \
+            from None
+    if selector is None:
+        selector = build_noise_sampler(noise_selection, num_candidates=num_candidates)
+    if rater is not None and in_channels is not None and rater.config.in_channels != in_channels:
+        raise UsageError(f"The rater has in_channels={rater.config.in_channels}, the data have {in_channels} "
+                         "channel(s).")
+    if rater is not None and rater.config.num_class_embeds is not None and not class_conditional:
+        raise UsageError(f"The rater is class-conditional (num_class_embeds={rater.config.num_class_embeds}); "
+                         "pass --class_conditional.")
+    return selector, rater

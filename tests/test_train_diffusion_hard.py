@@ -496,3 +496,17 @@ def test_mixed_precision_on_cpu(tmp_path, tiny_config):
     for k, v in outs["no"][0].items():
         assert outs["bf16"][0][k].dtype == torch.float32
         torch.testing.assert_close(outs["bf16"][0][k], v, rtol=0, atol=5e-3)
+
+
+@pytest.mark.slow
+def test_dataloader_workers_train_and_resume_exactly(tmp_path, tiny_config):
+    """--dataloader_num_workers 2: a run stopped at step 2 and resumed ends bit-identical to an uninterrupted one."""
+    flags = ["--dataloader_num_workers", "2", "--random_flip", "--report_to", "none", "--checkpointing_steps", "2",
+             "--lr_scheduler", "constant", "--noise_selection", "knn", "--num_candidate_noises", "2"]
+    run(base_args(tmp_path / "a", tiny_config, steps=4) + flags)
+    run(base_args(tmp_path / "b", tiny_config, steps=2) + flags)
+    resumed = run(base_args(tmp_path / "b", tiny_config, steps=4) + flags + ["--resume_from_checkpoint", "latest"])
+    assert "Resumed from" in resumed.stderr
+    _assert_same_tensors(_unet_weights(tmp_path / "a", 4), _unet_weights(tmp_path / "b", 4), "unet")
+    assert [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]

@@ -318,3 +318,22 @@ def test_bf16_autocast_gives_a_float32_loss_close_to_fp32():
     assert low.per_sample_loss.dtype == torch.float32 and low.loss.dtype == torch.float32
     torch.testing.assert_close(low.per_sample_loss, ref.per_sample_loss, rtol=5e-2, atol=1e-2)
     assert not torch.equal(low.per_sample_loss, ref.per_sample_loss)  # autocast did run in bf16
+
+
+def test_build_selector_and_rater(tmp_path):
+    from noise_rater.training import build_selector_and_rater
+    from noise_rater.training_utils import UsageError
+
+    tiny_rater().save_pretrained(str(tmp_path / "rater"))
+    selector, rater = build_selector_and_rater("knn", num_candidates=3)
+    assert isinstance(selector, KNNNoiseSampler) and selector.num_candidates == 3 and rater is None
+    selector, rater = build_selector_and_rater("rater", num_candidates=3, selection_rule="importance",
+                                               rater_model_name_or_path=str(tmp_path / "rater"), in_channels=C)
+    assert isinstance(selector, NoiseSelectingSampler) and selector.rater is rater and not rater.training
+    selector, rater = build_selector_and_rater("uniform", loss_weighting="rater_soft",
+                                               rater_model_name_or_path=str(tmp_path / "rater"))
+    assert isinstance(selector, UniformNoiseSampler) and not any(p.requires_grad for p in rater.parameters())
+    with pytest.raises(UsageError, match="in_channels=1, the data have 4"):
+        build_selector_and_rater("rater", rater_model_name_or_path=str(tmp_path / "rater"), in_channels=4)
+    with pytest.raises(UsageError, match="cannot load the rater"):
+        build_selector_and_rater("rater", rater_model_name_or_path=str(tmp_path / "missing"))
