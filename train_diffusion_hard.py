@@ -166,8 +166,8 @@ def parse_args(input_args=None):
 def check_args(args) -> None:
     """All flag checks (shared + this script's); raises :class:`UsageError`."""
     validate_common_args(args)
-    check_positive(args, "num_epochs", "gradient_accumulation_steps", "num_candidate_noises", "selection_temperature", "snr_gamma",
-                   "rater_temperature", "validation_steps", "num_validation_triples", "save_images_steps",
+    check_positive(args, "num_epochs", "gradient_accumulation_steps", "num_candidate_noises", "selection_temperature",
+                   "snr_gamma", "rater_temperature", "validation_steps", "num_validation_triples", "save_images_steps",
                    "num_inference_steps", "eval_batch_size", "ema_inv_gamma")
     check_positive(args, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon",
                    "ema_power", allow_zero=True)
@@ -794,7 +794,8 @@ def main(args):
             weights = torch.cat(weights)
             logs = {"loss": _finite_or_none(step_loss), "lr": lr, "select_time_s": select_time,
                     "train_time_s": train_time, "step": global_step, "epoch": batches.epoch,
-                    "skipped": error is not None, "weight_min": float(weights.min()), "weight_max": float(weights.max())}
+                    "skipped": error is not None, "weight_min": float(weights.min()),
+                    "weight_max": float(weights.max())}
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
             progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
