@@ -55,10 +55,10 @@ from noise_rater.checkpointing import (
     save_torch_state,
 )
 from noise_rater.data import BUILTIN_DATASETS, DataError, ResumableBatches, prepare_datasets
-from noise_rater.diffusion import per_sample_diffusion_loss, sample_timesteps
 from noise_rater.evaluation.validation import make_validation_triples, run_validation
+from noise_rater.data_workers import WorkerBatches
+from noise_rater.training import LOSS_WEIGHTINGS, NoiseGenerators, build_selector_and_rater, training_step
 from noise_rater.training_utils import (
-    NonFiniteError,
     SkipCounter,
     UsageError,
     add_data_args,
@@ -67,9 +67,9 @@ from noise_rater.training_utils import (
     append_jsonl,
     read_jsonl,
     truncate_jsonl,
-    check_finite,
     check_positive,
     grad_norm,
+    nonfinite_error,
     load_json_config,
     resolve_unet_config,
     validate_common_args,
@@ -79,7 +79,6 @@ from noise_rater.training_utils import (
 SCRIPT_NAME = "train_diffusion_hard"
 NOISE_SELECTIONS = ("uniform", "rater", "knn", "assignment", "oracle")
 SELECTION_RULES = ("argmax", "softmax", "importance")
-LOSS_WEIGHTINGS = ("uniform", "min_snr", "rater_soft")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 NUM_GRID_IMAGES = 16
 
@@ -123,6 +122,21 @@ def parse_args(input_args=None):
     g.add_argument("--ema_inv_gamma", type=float, default=1.0)
     g.add_argument("--ema_power", type=float, default=3 / 4)
 
+    g = parser.add_argument_group("scale (as in diffusers' examples)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches of --train_batch_size per optimizer step (the loss is averaged over them). "
+                        "Steps, LR schedule, EMA, checkpoints and validation count optimizer steps. Equal to one "
+                        "large batch for per-sample selectors (uniform, knn, rater) and weightings (uniform, "
+                        "min_snr); batch-level rules (assignment, rater_soft) act on each micro-batch.")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute the UNet's activations in backward (UNet2DModel.enable_gradient_checkpointing).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="0: load batches in the training process (random flips from the global torch RNG). N > 0: "
+                        "N worker processes build the same batches, with flips seeded per batch (seed, process, "
+                        "epoch, batch): as reproducible and exactly resumable, but other flips than with 0.")
+    g.add_argument("--allow_tf32", action="store_true",
+                   help="Allow TF32 matmuls / convolutions on Ampere+ GPUs (no effect on CPU).")
+
     g = parser.add_argument_group("noise selection and loss weighting")
     g.add_argument("--noise_selection", type=str, default="uniform", choices=NOISE_SELECTIONS)
     g.add_argument("--rater_model_name_or_path", type=str, default=None,
@@ -158,10 +172,12 @@ def parse_args(input_args=None):
 def check_args(args) -> None:
     """All flag checks (shared + this script's); raises :class:`UsageError`."""
     validate_common_args(args)
-    check_positive(args, "num_epochs", "num_candidate_noises", "oracle_val_batch_size", "selection_temperature", "snr_gamma",
-                   "rater_temperature", "validation_steps", "num_validation_triples", "save_images_steps",
+    check_positive(args, "num_epochs", "gradient_accumulation_steps", "num_candidate_noises", "oracle_val_batch_size",
+                   "selection_temperature",
+                   "snr_gamma", "rater_temperature", "validation_steps", "num_validation_triples", "save_images_steps",
                    "num_inference_steps", "eval_batch_size", "ema_inv_gamma")
-    check_positive(args, "lr_warmup_steps", "adam_weight_decay", "adam_epsilon", "ema_power", allow_zero=True)
+    check_positive(args, "lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon",
+                   "ema_power", allow_zero=True)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)!r}")
@@ -419,57 +435,17 @@ def build_unet(args, channels, resolution, num_classes):
         raise UsageError(f"Bad UNet2DModel config: {e}") from None
 
 
-def load_rater(args, device):
-    """The frozen rater (for --noise_selection rater and/or --loss_weighting rater_soft) and its selector."""
-    from noise_rater.sampling import build_noise_sampler
-    from noise_rater.modeling_noise_rater import NoiseRaterModel
-
-    selector, rater = None, None
-    try:
-        if args.noise_selection == "rater":
-            selector = build_noise_sampler(
-                "rater", num_candidates=args.num_candidate_noises,
-                rater_model_name_or_path=args.rater_model_name_or_path, selection_rule=args.selection_rule,
-                temperature=args.selection_temperature, device=device,
-            )
-            rater = selector.rater
-        elif args.loss_weighting == "rater_soft":
-            rater = NoiseRaterModel.from_pretrained(args.rater_model_name_or_path).to(device)
-            rater = rater.eval().requires_grad_(False)
-    except (OSError, ValueError) as e:
-        raise UsageError(
-            f"--rater_model_name_or_path {args.rater_model_name_or_path!r}: cannot load the rater ({e})."
-        ) from None
-    if selector is None and args.noise_selection != "oracle":  # the oracle needs the model: built in main()
-        selector = build_noise_sampler(args.noise_selection, num_candidates=args.num_candidate_noises)
-    return selector, rater
-
-
-def check_rater(rater, channels, class_conditional):
-    if rater is None:
-        return
-    if rater.config.in_channels != channels:
-        raise UsageError(
-            f"The rater has in_channels={rater.config.in_channels}, the images have {channels} channel(s)."
-        )
-    if rater.config.num_class_embeds is not None and not class_conditional:
-        raise UsageError(
-            f"The rater is class-conditional (num_class_embeds={rater.config.num_class_embeds}); "
-            "pass --class_conditional."
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_training_state(args, accelerator, step, unet, ema, optimizer, lr_scheduler, generator, batches, extra):
+def save_training_state(args, accelerator, step, unet, ema, optimizer, lr_scheduler, generators, batches, extra):
     """Checkpoint ``output_dir/checkpoint-{step}``. Called on EVERY process (the RNG/data states are gathered);
     only the main process writes, the others wait."""
     from accelerate.utils import gather_object
 
-    rng_states = gather_object([capture_rng_state({"train": generator})])
+    rng_states = gather_object([capture_rng_state(generators.as_dict())])  # the step's three CPU streams
     data_states = gather_object([batches.state_dict()])
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
@@ -498,7 +474,7 @@ def save_training_state(args, accelerator, step, unet, ema, optimizer, lr_schedu
     accelerator.wait_for_everyone()
 
 
-def load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, generator, batches):
+def load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, generators, batches):
     """Restore everything :func:`save_training_state` wrote (on every process); returns the extra state dict."""
     with open(os.path.join(path, "training_state.json")) as f:
         state = json.load(f)
@@ -528,7 +504,10 @@ def load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, g
         raise CheckpointError(f"Optimizer / lr scheduler state in {path} does not fit this run: {e}") from e
     batches.load_state_dict(state["data"][rank])
     rng = load_torch_state(os.path.join(path, f"rng_rank{rank}.pt"))
-    restore_rng_state(rng, {"train": generator})
+    missing = [name for name in generators.as_dict() if name not in rng.get("generators", {})]
+    if missing:
+        raise CheckpointError(f"Checkpoint {path} has no state for the RNG stream(s) {missing} (older format).")
+    restore_rng_state(rng, generators.as_dict())
     return state
 
 
@@ -593,8 +572,6 @@ def main(args):
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from noise_rater.weighting import compute_snr, min_snr_weights, soft_weights
-
     start_wall = time.perf_counter()
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: run the processes on CPU (gloo)
@@ -605,12 +582,19 @@ def main(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         cpu=world_size > 1 and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and accelerator.num_processes != world_size:
         raise UsageError(f"Launched with WORLD_SIZE={world_size} but Accelerate set up {accelerator.num_processes} "
                          "process(es); check the accelerate config / launcher flags.")
     log = get_logger(SCRIPT_NAME, log_level="INFO")
     log.info(accelerator.state, main_process_only=False)
+    if args.mixed_precision != "no" and not accelerator.native_amp:  # e.g. fp16 on CPU
+        log.warning("--mixed_precision %s: no autocast on %s, Accelerate trains in float32.", args.mixed_precision,
+                    accelerator.device.type)
     set_seed(args.seed)
     device = accelerator.device
 
@@ -626,7 +610,10 @@ def main(args):
     log.info("Data: %s", splits.description)
     batches = ResumableBatches(splits.train, args.train_batch_size, seed=args.seed,
                                shard=accelerator.process_index, num_shards=accelerator.num_processes)
-    max_train_steps = args.max_train_steps or args.num_epochs * batches.batches_per_epoch
+    if args.dataloader_num_workers > 0:
+        batches = WorkerBatches(batches, args.dataloader_num_workers)
+    accum = args.gradient_accumulation_steps
+    max_train_steps = args.max_train_steps or args.num_epochs * math.ceil(batches.batches_per_epoch / accum)
     if args.lr_warmup_steps >= max_train_steps:
         log.warning("--lr_warmup_steps %d >= %d training steps: the learning rate never leaves warm-up.",
                     args.lr_warmup_steps, max_train_steps)
@@ -635,9 +622,13 @@ def main(args):
     unet = build_unet(args, channels, resolution, splits.num_classes)
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                                     prediction_type=args.prediction_type)
-    selector, rater = load_rater(args, device)
-    check_rater(rater, channels, args.class_conditional)
-    rater_uses_labels = rater is not None and rater.config.num_class_embeds is not None
+    selector, rater = build_selector_and_rater(
+        args.noise_selection, num_candidates=args.num_candidate_noises, loss_weighting=args.loss_weighting,
+        rater_model_name_or_path=args.rater_model_name_or_path, selection_rule=args.selection_rule,
+        selection_temperature=args.selection_temperature, in_channels=channels,
+        class_conditional=args.class_conditional, device=device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
 
     ema = None
     if args.use_ema:
@@ -653,16 +644,15 @@ def main(args):
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(device)
-    if args.noise_selection == "oracle":
+    if args.noise_selection == "oracle":  # needs the model being trained, so it is built here
         from noise_rater.valuation import OracleNoiseSelector, ValidationMinibatches
 
         oracle_val = ValidationMinibatches(splits.validation, args.oracle_val_batch_size, args.ddpm_num_steps,
                                            seed=args.seed + 7_777 + accelerator.process_index, device=device)
         selector = OracleNoiseSelector(accelerator.unwrap_model(unet), noise_scheduler, oracle_val,
                                        num_candidates=args.num_candidate_noises)
-    selection_labels = rater_uses_labels or (args.noise_selection == "oracle" and args.class_conditional)
-    # Timesteps and noise candidates: a dedicated CPU generator per process.
-    generator = torch.Generator(device="cpu").manual_seed(args.seed + 1000 * accelerator.process_index)
+    # Timesteps, candidate pools, selection draws: three CPU streams per process, the same for every method (CRN).
+    generators = NoiseGenerators.from_seed(args.seed, accelerator.process_index)
 
     # ---- resume ----
     global_step, skips = 0, SkipCounter(args.max_consecutive_skips)
@@ -672,13 +662,13 @@ def main(args):
         if path is None:
             log.info("No checkpoint to resume from in %s; starting a new training run.", args.output_dir)
         else:
-            state = load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, generator, batches)
+            state = load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, generators, batches)
             global_step = int(state["step"])
             skips.total, skips.consecutive = int(state["skipped_total"]), int(state["skipped_consecutive"])
             totals.update({k: float(state.get(k, 0.0)) for k in totals})
             log.info("Resumed from %s at step %d", path, global_step)
-            if args.noise_selection == "oracle":  # one oracle validation minibatch per step so far
-                selector.val_batch_fn.calls = global_step
+            if args.noise_selection == "oracle":  # one oracle validation minibatch per micro-batch so far
+                selector.val_batch_fn.calls = global_step * accum
 
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     validation_path = os.path.join(args.output_dir, "validation.jsonl")
@@ -703,7 +693,8 @@ def main(args):
     log.info("***** Running training *****")
     log.info("  Num train examples = %d, validation = %d", len(splits.train), len(splits.validation))
     log.info("  UNet parameters = %d", num_params)
-    log.info("  Batch size per process = %d, processes = %d", args.train_batch_size, accelerator.num_processes)
+    log.info("  Batch size per process = %d, processes = %d, accumulation steps = %d", args.train_batch_size,
+             accelerator.num_processes, accum)
     log.info("  Noise selection = %s (%s), loss weighting = %s", args.noise_selection, args.selection_rule,
              args.loss_weighting)
     log.info("  Total optimization steps = %d (starting at %d)", max_train_steps, global_step)
@@ -728,59 +719,37 @@ def main(args):
     try:  # close the bar first, so that an error message is the last thing printed
         while global_step < max_train_steps:
             step = global_step + 1
-            batch = next(batches)
-            x0 = batch["pixel_values"].to(device)
-            labels = batch["class_labels"].to(device) if args.class_conditional else None
-
-            # ---- noise selection (timed separately) ----
-            _sync(device)
             t0 = time.perf_counter()
-            timesteps = sample_timesteps(x0.shape[0], args.ddpm_num_steps, generator=generator, device=device)
-            selection_failed = False
-            try:
-                noise, weights = selector(x0, timesteps, class_labels=labels if selection_labels else None,
-                                          generator=generator, return_weights=True)
-                weights = weights.float()
-                if args.loss_weighting == "rater_soft":
-                    with torch.no_grad():
-                        scores = rater(x0, noise, timesteps, class_labels=labels if rater_uses_labels else None).scores
-                    if not bool(torch.isfinite(scores).all()):
-                        raise FloatingPointError("non-finite rater scores")
-                    weights = weights * soft_weights(scores.float(), args.rater_temperature)
-            except FloatingPointError:
-                # The rater gave a non-finite score: every process learns about it below and skips or stops together.
-                selection_failed = True
-                noise, weights = torch.zeros_like(x0), torch.ones(x0.shape[0], device=device)
-            _sync(device)
-            t1 = time.perf_counter()
-
-            # ---- loss, backward, step ----
-            if args.loss_weighting == "min_snr":
-                snr = compute_snr(noise_scheduler.alphas_cumprod, timesteps)
-                weights = weights * min_snr_weights(snr, args.snr_gamma, args.prediction_type)
-            per_sample = per_sample_diffusion_loss(unet, noise_scheduler, x0, noise, timesteps, class_labels=labels)
-            loss = (weights * per_sample.float()).mean()
-            if args.inject_nonfinite_at_step is not None and step == args.inject_nonfinite_at_step:
-                loss = loss * float("nan")
-            status = accelerator.gather(torch.stack([loss.detach().float(), torch.tensor(float(selection_failed),
-                                                                                         device=device)])[None])
-            step_loss = float(status[:, 0].mean())
-            error = None
-            try:
-                if bool(status[:, 1].any()):
-                    raise NonFiniteError(f"non-finite rater score at step {step}")
-                check_finite(status[:, 0], "loss", step)
-                accelerator.backward(loss)
+            losses, weights, select_time, error = [], [], 0.0, None
+            for _ in range(accum):  # micro-batches; accelerate syncs the gradients on the last one
+                batch = next(batches)
+                labels = batch["class_labels"].to(device) if args.class_conditional else None
+                with accelerator.accumulate(unet):
+                    out = training_step(unet, noise_scheduler, batch["pixel_values"].to(device), selector,
+                                        generators=generators, num_candidates=args.num_candidate_noises,
+                                        class_labels=labels, loss_weighting=args.loss_weighting,
+                                        snr_gamma=args.snr_gamma, rater=rater, rater_temperature=args.rater_temperature,
+                                        catch_nonfinite_scores=True)
+                    loss = out.loss * (float("nan") if step == args.inject_nonfinite_at_step else 1.0)
+                    # every process learns about a non-finite value, so all skip or stop together
+                    status = accelerator.gather(torch.stack([loss.detach().float(), torch.tensor(
+                        float(out.selection_failed), device=device)])[None])
+                    losses.append(float(status[:, 0].mean()))
+                    select_time += out.select_time_s
+                    weights.append(out.weights)
+                    error = error or nonfinite_error(status, step)
+                    if error is None:
+                        accelerator.backward(loss)  # scaled by 1 / --gradient_accumulation_steps
+            if error is None:
                 if args.max_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                 else:
                     norm = grad_norm(unet.parameters())
                 if accelerator.mixed_precision != "fp16":  # with fp16 the GradScaler handles overflowing gradients
-                    check_finite(torch.as_tensor(norm), "gradient", step)
-            except NonFiniteError as e:
-                if args.nonfinite == "raise":
-                    raise
-                error = e
+                    error = nonfinite_error(None, step, norm)
+            if error is not None and args.nonfinite == "raise":
+                raise error
+            step_loss = sum(losses) / len(losses)
             if error is None:
                 optimizer.step()
                 lr_scheduler.step()
@@ -792,16 +761,19 @@ def main(args):
                 skips.skipped(error)  # raises NonFiniteError after --max_consecutive_skips in a row
             optimizer.zero_grad(set_to_none=True)
             _sync(device)
-            t2 = time.perf_counter()
+            train_time = time.perf_counter() - t0 - select_time  # data, forward, backward, optimizer
 
             global_step = step
             steps_this_run += 1
-            totals["select_time_s"] += t1 - t0
-            totals["train_time_s"] += t2 - t1
+            totals["select_time_s"] += select_time
+            totals["train_time_s"] += train_time
             progress_bar.update(1)
             lr = lr_scheduler.get_last_lr()[0]
-            logs = {"loss": _finite_or_none(step_loss), "lr": lr, "select_time_s": t1 - t0, "train_time_s": t2 - t1,
-                    "step": global_step, "epoch": batches.epoch, "skipped": error is not None}
+            weights = torch.cat(weights)
+            logs = {"loss": _finite_or_none(step_loss), "lr": lr, "select_time_s": select_time,
+                    "train_time_s": train_time, "step": global_step, "epoch": batches.epoch,
+                    "skipped": error is not None, "weight_min": float(weights.min()),
+                    "weight_max": float(weights.max())}
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
             progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
@@ -813,7 +785,7 @@ def main(args):
             # ---- checkpoint (all processes), then validation / samples (main process) ----
             if global_step % args.checkpointing_steps == 0:
                 extra = dict(totals, skipped_total=skips.total, skipped_consecutive=skips.consecutive)
-                save_training_state(args, accelerator, global_step, unet, ema, optimizer, lr_scheduler, generator,
+                save_training_state(args, accelerator, global_step, unet, ema, optimizer, lr_scheduler, generators,
                                     batches, extra)
             if accelerator.is_main_process:
                 if global_step % args.validation_steps == 0 or global_step == max_train_steps:

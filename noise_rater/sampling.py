@@ -1,12 +1,18 @@
 """Noise selectors: who picks eps for each training sample.
 
-All selectors share one call interface::
+All selectors share two call interfaces::
 
+    # choose within a given pool of N candidates per sample (what noise_rater.training.training_step uses):
+    noise = selector.select(x0, timesteps, candidates, class_labels=None, generator=None)
+    # draw the candidates themselves with ``generator`` (for direct use):
     noise = selector(x0, timesteps, class_labels=None, generator=None)
     noise, weights = selector(x0, timesteps, generator=g, return_weights=True)
 
-``noise`` has the shape of x0 `(B, C, H, W)`; ``weights`` `(B,)` are per-sample loss weights that
-keep the objective unbiased (all ones except for the ``"importance"`` rule).
+``candidates`` has shape `(B, N, C, H, W)`; ``noise`` has the shape of x0 `(B, C, H, W)`; ``weights``
+`(B,)` are per-sample loss weights that keep the objective unbiased (all ones except for the
+``"importance"`` rule). In ``select``, ``generator`` only feeds randomised rules (softmax /
+importance sampling); no selector touches the global torch RNG when given a generator, so runs that
+share the candidate pool (common random numbers) differ only in the choice.
 
 * :class:`UniformNoiseSampler` -- eps ~ N(0, I), the standard objective.
 * :class:`KNNNoiseSampler` -- per image, N candidates, keep the nearest to x0 (Improved Immiscible Diffusion).
@@ -46,6 +52,14 @@ def _finish(noise, weights, return_weights):
 class UniformNoiseSampler:
     """eps ~ N(0, I): the standard diffusion objective."""
 
+    def select(self, x0, timesteps, candidates, class_labels=None, generator=None, return_weights=False):
+        """candidates `(B, N, C, H, W)` -> candidate 0 of each sample, `(B, C, H, W)` (a plain Gaussian draw)."""
+        if candidates.ndim != x0.ndim + 1 or candidates.shape[0] != x0.shape[0] or candidates.shape[2:] != x0.shape[1:]:
+            raise ValueError(f"candidates {tuple(candidates.shape)} do not match x0 {tuple(x0.shape)}: "
+                             "expected (B, N, *x0.shape[1:]).")
+        ones = torch.ones(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        return _finish(candidates[:, 0], ones, return_weights)
+
     def __call__(self, x0, timesteps=None, class_labels=None, generator=None, return_weights=False):
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return _finish(noise, torch.ones(x0.shape[0], device=x0.device, dtype=x0.dtype), return_weights)
@@ -76,8 +90,19 @@ class AssignmentNoiseSampler:
     images, so labels stay aligned. With B == 1 this is plain Gaussian noise."""
 
     def select(self, x0, timesteps, candidates, class_labels=None, generator=None, return_weights=False):
-        """candidates `(B, C, H, W)` (one per image, to be permuted) -> assigned noise `(B, C, H, W)`."""
+        """Assign noises to images -> `(B, C, H, W)`.
+
+        ``candidates`` is either a pool `(B, N, C, H, W)`, of which candidate 0 of every sample is used
+        (the B noises permuted across the batch), or one noise per image `(B, C, H, W)`. This is a
+        batch-level rule: the noise of sample i depends on the whole batch (so splitting a batch into
+        micro-batches changes the selection).
+        """
         from scipy.optimize import linear_sum_assignment
+
+        if candidates.ndim == x0.ndim + 1:
+            candidates = candidates[:, 0]
+        if candidates.shape != x0.shape:
+            raise ValueError(f"candidates {tuple(candidates.shape)} do not match x0 {tuple(x0.shape)}.")
 
         cost = torch.cdist(x0.flatten(1).double(), candidates.flatten(1).double()).pow(2)
         rows, cols = linear_sum_assignment(cost.cpu().numpy())

@@ -168,6 +168,21 @@ def check_finite(value: torch.Tensor, what: str, step: int) -> None:
         raise NonFiniteError(f"non-finite {what} at step {step}")
 
 
+def nonfinite_error(status, step, norm=None):
+    """A :class:`NonFiniteError` for a gathered ``[loss, selection_failed]`` status `(P, 2)` or a gradient
+    norm that is not finite, else None."""
+    try:
+        if status is not None:
+            if bool(status[:, 1].any()):
+                raise NonFiniteError(f"non-finite rater score at step {step}")
+            check_finite(status[:, 0], "loss", step)
+        if norm is not None:
+            check_finite(torch.as_tensor(norm), "gradient", step)
+    except NonFiniteError as e:
+        return e
+    return None
+
+
 def grad_norm(parameters) -> torch.Tensor:
     grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros(())

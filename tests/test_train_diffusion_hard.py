@@ -313,6 +313,7 @@ def script_module():
     (["--noise_selection", "magic"], "invalid choice"),
     (["--selection_rule", "best"], "invalid choice"),
     (["--num_candidate_noises", "0"], "--num_candidate_noises must be > 0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be > 0"),
     (["--model_config_name_or_path", "/nonexistent/unet.json"], "not found"),
 ])
 def test_bad_flags_in_process(bad, message, tmp_path, tiny_config, script_module, capsys):
@@ -442,3 +443,94 @@ def test_finetune_pretrained_pipeline(tmp_path, tiny_config, tiny_pipeline):
     name = os.path.join("unet", "diffusion_pytorch_model.safetensors")
     before, after = load_file(os.path.join(tiny_pipeline, name)), load_file(str(out / name))
     assert before.keys() == after.keys() and not all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. common random numbers across methods; scale flags (accumulation, checkpointing, tf32, mixed precision)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _unet_weights(out, step):
+    return load_file(str(out / f"checkpoint-{step}" / "unet.safetensors"))
+
+
+@pytest.mark.slow
+def test_methods_that_pick_the_same_candidates_train_bit_identically(tmp_path, tiny_config):
+    """uniform trains on candidate 0 of the pool; a rater whose scores are all 0 makes argmax pick candidate 0
+    (torch.argmax returns the first maximum). With the same seed, both runs see the same data order, flips,
+    timesteps and pools, so they must end bit-identical."""
+    from noise_rater import NoiseRaterModel
+
+    rater = NoiseRaterModel(sample_size=8, in_channels=1, block_out_channels=(8, 16), downsample=(True, False),
+                            time_embedding_dim=16, num_train_timesteps=50)
+    with torch.no_grad():
+        rater.head[-1].weight.zero_()
+        rater.head[-1].bias.zero_()
+    rater.save_pretrained(str(tmp_path / "flat_rater"))
+    flags = ["--random_flip", "--report_to", "none", "--num_candidate_noises", "4", "--checkpointing_steps", "3"]
+    run(base_args(tmp_path / "uniform", tiny_config, steps=3) + flags + ["--noise_selection", "uniform"])
+    run(base_args(tmp_path / "rater", tiny_config, steps=3) + flags + [
+        "--noise_selection", "rater", "--rater_model_name_or_path", str(tmp_path / "flat_rater"),
+        "--selection_rule", "argmax"])
+    _assert_same_tensors(_unet_weights(tmp_path / "uniform", 3), _unet_weights(tmp_path / "rater", 3), "unet")
+    losses = [[r["loss"] for r in read_jsonl(tmp_path / m / "metrics.jsonl")] for m in ("uniform", "rater")]
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_the_large_batch(tmp_path, tiny_config):
+    """2 micro-batches of 8 == 1 batch of 16: the same items (consecutive in the epoch order), flips, timesteps and
+    candidate pools (the CPU streams draw the same numbers in two halves), knn is per-sample; so the same gradient
+    up to float summation order. Adam with a large epsilon (an SGD-like update, lr * g) keeps those rounding
+    differences from being amplified where a gradient entry is ~0. Gradient checkpointing and TF32 (a no-op on
+    CPU) must not change the result."""
+    flags = ["--noise_selection", "knn", "--num_candidate_noises", "4", "--report_to", "none",
+             "--checkpointing_steps", "1", "--random_flip", "--lr_warmup_steps", "0", "--lr_scheduler", "constant",
+             "--learning_rate", "1", "--adam_epsilon", "1"]
+    run(base_args(tmp_path / "big", tiny_config, steps=2) + flags)
+    run(base_args(tmp_path / "accum", tiny_config, steps=2) + flags + [
+        "--train_batch_size", "8", "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "--allow_tf32"])
+    for step in (1, 2):
+        big, accum = _unet_weights(tmp_path / "big", step), _unet_weights(tmp_path / "accum", step)
+        for k in big:
+            torch.testing.assert_close(accum[k], big[k], rtol=1e-5, atol=1e-7)
+    first, second = _unet_weights(tmp_path / "big", 1), _unet_weights(tmp_path / "big", 2)
+    assert max(float((second[k] - first[k]).abs().max()) for k in first) > 1e-3  # the step moved the weights
+    rec_big, rec_acc = read_jsonl(tmp_path / "big" / "metrics.jsonl"), read_jsonl(tmp_path / "accum" / "metrics.jsonl")
+    assert [r["step"] for r in rec_acc] == [1, 2]
+    assert [r["loss"] for r in rec_acc] == pytest.approx([r["loss"] for r in rec_big], rel=1e-5)
+    data = lambda m: json.load(open(tmp_path / m / "checkpoint-2" / "training_state.json"))["data"][0]  # noqa: E731
+    assert (data("big")["index"], data("accum")["index"]) == (2, 4)  # two micro-batches per optimizer step
+
+
+@pytest.mark.slow
+def test_mixed_precision_on_cpu(tmp_path, tiny_config):
+    """bf16: CPU autocast runs (close to, not equal to float32). fp16: accelerate has no CPU autocast; the script
+    says so and trains in float32 (bit-identical to --mixed_precision no)."""
+    flags = ["--report_to", "none", "--checkpointing_steps", "2"]
+    outs = {}
+    for precision in ("no", "bf16", "fp16"):
+        proc = run(base_args(tmp_path / precision, tiny_config, steps=2) + flags + ["--mixed_precision", precision])
+        outs[precision] = (_unet_weights(tmp_path / precision, 2), proc.stderr)
+        assert all(r["loss"] is not None for r in read_jsonl(tmp_path / precision / "metrics.jsonl"))
+    _assert_same_tensors(outs["fp16"][0], outs["no"][0], "fp16 on CPU vs float32")
+    assert "--mixed_precision fp16: no autocast on cpu" in outs["fp16"][1]
+    assert "no autocast" not in outs["bf16"][1]
+    assert any(not torch.equal(outs["bf16"][0][k], outs["no"][0][k]) for k in outs["no"][0])
+    for k, v in outs["no"][0].items():
+        assert outs["bf16"][0][k].dtype == torch.float32
+        torch.testing.assert_close(outs["bf16"][0][k], v, rtol=0, atol=5e-3)
+
+
+@pytest.mark.slow
+def test_dataloader_workers_train_and_resume_exactly(tmp_path, tiny_config):
+    """--dataloader_num_workers 2: a run stopped at step 2 and resumed ends bit-identical to an uninterrupted one."""
+    flags = ["--dataloader_num_workers", "2", "--random_flip", "--report_to", "none", "--checkpointing_steps", "2",
+             "--lr_scheduler", "constant", "--noise_selection", "knn", "--num_candidate_noises", "2"]
+    run(base_args(tmp_path / "a", tiny_config, steps=4) + flags)
+    run(base_args(tmp_path / "b", tiny_config, steps=2) + flags)
+    resumed = run(base_args(tmp_path / "b", tiny_config, steps=4) + flags + ["--resume_from_checkpoint", "latest"])
+    assert "Resumed from" in resumed.stderr
+    _assert_same_tensors(_unet_weights(tmp_path / "a", 4), _unet_weights(tmp_path / "b", 4), "unet")
+    assert [r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
