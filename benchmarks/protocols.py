@@ -52,7 +52,7 @@ UNET_GPU = {"block_out_channels": [64, 128, 256], "layers_per_block": 2, "norm_n
 
 STAGE1_DEFAULT = {"meta_steps": 300, "population_size": 2, "inner_steps": 2, "inner_lr": 1e-3,
                   "inner_model_lifetime": 100, "compare_every": 5, "checkpointing_steps": 25,
-                  "train_batch_size": 64, "seed": 0}
+                  "train_batch_size": 64, "seed": 1000}
 
 DIGITS_NO_FD = ("scikit-learn digits has 1,797 images in total (180 held out at validation_split 0.1): FD at "
                 ">= 2,000 generated vs >= 5,000 held-out real images is impossible, and FD at the few hundred "

@@ -176,8 +176,6 @@ class Benchmark:
         self.command_line = command_line
         self.evaluate_fd = evaluate_fd if evaluate_fd is not None else self._evaluate_fd
         self.stage1_runs = []  # scopes meta-trained by this invocation (for tests and the log)
-        for d in (results_dir, runs_dir, raters_dir):
-            os.makedirs(d, exist_ok=True)
         self.log_path = os.path.join(runs_dir, "benchmark.log")
         self.times_path = os.path.join(runs_dir, "launcher_seconds.json")
 
@@ -339,6 +337,8 @@ class Benchmark:
     def run(self):
         """Run every pending job within the budget. Returns the list of jobs still pending."""
         self.check_results_dir()
+        for d in (self.results_dir, self.runs_dir, self.raters_dir):
+            os.makedirs(d, exist_ok=True)
         self.write_setup()
         try:
             for seed, method in self.pending():
