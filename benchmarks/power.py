@@ -18,7 +18,7 @@ over the seeds s both ran. With n seeds, sample mean m and sample standard devia
   MDE = (t_{1-alpha/2, n-1} + t_{1-beta, n-1}) * sd / sqrt(n), the standard normal-approximation sample-size
   formula with t quantiles in place of z (e.g. Cohen 1988, ch. 2; for large n, alpha 0.05 and 80 % power it is
   (1.960 + 0.842) * SE = 2.80 * SE). :func:`paired_t_power` gives the exact power at any effect from the
-  noncentral t distribution, to check it.
+  noncentral t distribution: at the MDE it is 0.77 for n = 3, 0.79 for n = 5 and 0.80 from n = 8 on.
 """
 
 import argparse
