@@ -199,8 +199,8 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
         L.append(f"- FD: not computed. {p.get('fd_note', '')}")
     s1 = p.get("stage1", {})
     L.append(f"- Stage 1 (rater methods only): {s1.get('meta_steps')} meta-steps, population {s1.get('population_size')}, "
-             f"K = {s1.get('inner_steps')} inner steps at lr {s1.get('inner_lr')}, seed {s1.get('seed')} "
-             f"({info.get('stage1_seed_note', '')}).")
+             f"K = {s1.get('inner_steps')} inner steps at lr {s1.get('inner_lr')}, seed {s1.get('seed')}"
+             + (f" ({info['stage1_seed_note']})." if info.get("stage1_seed_note") else "."))
     if info.get("machine"):
         L.append(f"- Machine: {info['machine']}; first run {info.get('date')}.")
     L.append(f"- Reproduce: `{'`; `'.join(reproduce)}`, then `python benchmarks/report.py` "

@@ -48,8 +48,9 @@ from protocols import (METHODS, PROTOCOLS, ProtocolError, fd_off_protocol, fd_st
 
 STAGE1_SEED_NOTE = ("stage 1 uses seed {seed}, so its meta-validation split is not the held-out split of any "
                     "stage-2 seed (splits are seeded by --seed; they still overlap at random)")
-# Keys that only select a subset of a protocol's runs; any other difference means a different protocol.
-SELECTION_KEYS = ("seeds", "methods", "method_seeds")
+# Keys that only select a subset of a protocol's runs, or only describe it; any other difference means a
+# different protocol.
+SELECTION_KEYS = ("seeds", "methods", "method_seeds", "description", "fd_note")
 BUDGET_MARGIN_S = 60.0
 
 
@@ -476,7 +477,7 @@ def read_idx_images(path):
     n, h, w = (int.from_bytes(data[4 * k:4 * k + 4], "big") for k in (1, 2, 3))
     if len(data) != 16 + n * h * w:
         raise RuntimeError(f"{path} is truncated: {len(data)} bytes for {n}x{h}x{w}")
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w).copy()
 
 
 def machine_description():
@@ -576,6 +577,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a training run failed or left unusable outputs: the message names the log / file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if left:
         print(f"{len(left)} runs pending; run the same command again to continue.")
     return 0

@@ -392,3 +392,61 @@ def test_report_cli_writes_file(tmp_path):
     text = open(out).read()
     assert "No protocol has both uniform and NoiseRater results yet" in text
     assert "`python benchmarks/run_benchmark.py --protocol digits8`" in text
+
+
+def test_fd_reference_reads_the_fashion_mnist_test_split(tmp_path, monkeypatch):
+    import gzip
+
+    import torch
+
+    from noise_rater.data import _resize_center_crop_uint8
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+    raw[0] = 77
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write((0x803).to_bytes(4, "big") + (6).to_bytes(4, "big") + (28).to_bytes(4, "big")
+                + (28).to_bytes(4, "big") + raw.tobytes())
+    monkeypatch.setenv("NOISE_RATER_FASHION_MNIST_DIR", str(tmp_path))
+    x, source = rb.real_images_for_fd(protocols.get_protocol("fmnist16"))
+    assert x.shape == (6, 1, 16, 16) and "test split" in source
+    # the same resize as the training data's preprocessing, then [-1, 1]
+    ref = _resize_center_crop_uint8(torch.from_numpy(raw)[:, None], 16).float() / 127.5 - 1.0
+    assert torch.equal(x, ref)
+    assert torch.allclose(x[0], torch.full((1, 16, 16), 77 / 127.5 - 1.0))
+    with pytest.raises(RuntimeError, match="only fashion_mnist"):
+        rb.real_images_for_fd(protocols.get_protocol("digits8"))
+
+
+def test_report_fd_columns_floor_and_budget(tmp_path):
+    root = str(tmp_path)
+    d = _write_synthetic(root, "fmnist16", {"rater_cand": -1.0}, [0, 1, 2], steps=1000)
+    fds = {("uniform", 0): 50.0, ("uniform", 1): 60.0, ("uniform", 2): 55.0,
+           ("rater_cand", 0): 45.0, ("rater_cand", 1): 57.0, ("rater_cand", 2): 55.0}
+    for (m, s), v in fds.items():
+        path = os.path.join(d, f"run_{m}_seed{s}.json")
+        r = json.load(open(path))
+        r["fd"] = {"500": {"fd_efflite0": 2 * v}, "1000": {"fd_efflite0": v}}
+        json.dump(r, open(path, "w"))
+    json.dump({"source": "fashion_mnist test split", "num_real_reference": 5000, "num_generated": 2000,
+               "fd_real_vs_real_halves": 1.25, "fd_real_vs_real_at_generated_count": 2.5},
+              open(os.path.join(d, "fd_floor.json"), "w"))
+    text = report.build_report(root, doc_dir=root)
+    rel = [-10.0, -5.0, 0.0]
+    hw = stats.t.ppf(0.975, 2) * np.std(rel, ddof=1) / math.sqrt(3)
+    assert f"-5.00 ± {hw:.2f} %" in text
+    assert "FD floor (real vs real" in text and "1.25 at 5000 vs 5000" in text and "2.50 at 2000 vs 5000" in text
+    assert "NoiseRater, candidate-scope rater, argmax, final FD (3 seeds)" in text
+    assert "wider than the ±5 % budget" in text
+
+
+def test_a_failing_run_is_an_error_and_writes_no_result(tmp_path):
+    class Failing(FakeRunner):
+        def __call__(self, cmd, log_path, timeout_s=None):
+            self.commands.append(cmd)
+            return 1
+
+    b = _bench(tmp_path, runner=Failing(), methods=["uniform"])
+    with pytest.raises(RuntimeError, match=r"uniform seed 0 failed \(exit 1\)"):
+        b.run()
+    assert not os.path.exists(b.result_path("uniform", 0))
