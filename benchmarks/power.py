@@ -26,6 +26,7 @@ import glob
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 
 BUDGET_PCT = {"val_loss": 2.0, "fd": 5.0}  # the targets for the 95 % half-width of the paired difference
@@ -193,11 +194,12 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if not os.path.isdir(a.results_dir):
-        print(f"error: {a.results_dir} is not a folder", flush=True)
+        print(f"error: {a.results_dir} is not a folder", file=sys.stderr)
         return 2
     runs = load_runs(a.results_dir)
     if "uniform" not in runs:
-        print(f"error: {a.results_dir} has no uniform runs (run_uniform_seed*.json): nothing to pair with")
+        print(f"error: {a.results_dir} has no uniform runs (run_uniform_seed*.json): nothing to pair with",
+              file=sys.stderr)
         return 2
     rows = power_rows(runs, "val_loss", budget_pct=a.val_budget) + power_rows(runs, "fd", budget_pct=a.fd_budget)
     if a.json:

@@ -450,3 +450,17 @@ def test_a_failing_run_is_an_error_and_writes_no_result(tmp_path):
     with pytest.raises(RuntimeError, match=r"uniform seed 0 failed \(exit 1\)"):
         b.run()
     assert not os.path.exists(b.result_path("uniform", 0))
+
+
+def test_power_cli(tmp_path, capsys):
+    root = str(tmp_path)
+    d = _write_synthetic(root, "digits8", {"knn": 1.0}, [0, 1, 2], spread={0: 0.01, 1: -0.01, 2: 0.0})
+    assert power.main([d]) == 0
+    out = capsys.readouterr().out
+    hw = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # differences 2, 0, 1 %: sd 1
+    assert f"| knn | val_loss | 3 | 1.00 | 1.00 | {hw:.2f} | 2 | **no** |" in out
+    assert power.main([str(tmp_path / "missing")]) == 2
+    os.remove(os.path.join(d, "run_uniform_seed0.json"))
+    for s in (1, 2):
+        os.remove(os.path.join(d, f"run_uniform_seed{s}.json"))
+    assert power.main([d]) == 2
