@@ -206,6 +206,28 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
     L.append(f"- Reproduce: `{'`; `'.join(reproduce)}`, then `python benchmarks/report.py` "
              f"(results: `{rel}/`).\n")
 
+    # -- stage 1
+    raters = [r for r in (read_json(os.path.join(d, f"rater_{scope}.json")) for scope in ("batch", "candidates")) if r]
+    if raters:
+        L.append(f"{level}# Stage-1 raters used here\n")
+        L.append("| scope | cache key | meta-steps | cost s | stage-2 runs sharing it (all protocols) | amortised s per run "
+                 "| mean stage-1 gain (uniform - weighted val. loss) |")
+        L.append("|---|---|---|---|---|---|---|")
+        for r in raters:
+            cost, uses = costs.get(r["key"], (r.get("cost_s"), 0))
+            gain = r.get("meta_summary", {}).get("mean_gain")
+            L.append(f"| {r['scope']} | `{r['key']}` | {r.get('stage1', {}).get('meta_steps')} | "
+                     f"{f'{cost:.0f}' if finite(cost) else 'n/a'} | {uses} | "
+                     f"{f'{cost / uses:.0f}' if finite(cost) and uses else 'n/a'} | "
+                     f"{f'{gain:.2e}' if finite(gain) else 'n/a'} |")
+        L.append("")
+        for r in raters:
+            for fig in ("rater_analysis.png", "meta_evidence.png"):
+                path = os.path.join(d, f"rater_{r['scope']}_{fig}")
+                if os.path.exists(path):
+                    L.append(f"![{r['scope']} rater: {fig[:-4].replace('_', ' ')}]({os.path.relpath(path, doc_dir)})")
+        L.append("")
+
     # -- main table
     L.append(f"{level}# Final quality, paired with uniform (negative difference = better than uniform)\n")
     head = "| method | seeds | final val. loss | vs uniform (paired) |"

@@ -32,6 +32,7 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,6 +293,9 @@ class Benchmark:
             if not os.path.exists(os.path.join(out, "meta_summary.json")):
                 raise RuntimeError(f"stage 1 finished but wrote no {out}/meta_summary.json")
         summary = read_json(os.path.join(out, "meta_summary.json"))
+        for fig in ("rater_analysis.png", "meta_evidence.png"):  # the stage-1 script's own figures, for the report
+            if os.path.exists(os.path.join(out, fig)):
+                shutil.copyfile(os.path.join(out, fig), os.path.join(self.results_dir, f"rater_{scope}_{fig}"))
         secs = read_json(os.path.join(out, "runner_seconds.json")) if os.path.exists(
             os.path.join(out, "runner_seconds.json")) else {}
         write_json(os.path.join(self.results_dir, f"rater_{scope}.json"), {

@@ -50,6 +50,8 @@ class FakeRunner:
         if "train_noiserater.py" in cmd:
             with open(os.path.join(out, "meta_summary.json"), "w") as f:
                 json.dump({"wall_time_s": 100.0, "step": int(_flag(cmd, "--max_train_steps"))}, f)
+            with open(os.path.join(out, "rater_analysis.png"), "wb") as f:
+                f.write(b"png")
             return 0
         steps, every = int(_flag(cmd, "--max_train_steps")), int(_flag(cmd, "--validation_steps"))
         seed = int(_flag(cmd, "--seed"))
@@ -125,6 +127,7 @@ def test_same_seed_and_pool_for_all_methods_and_rater_cached(tmp_path):
     for scope in ("batch", "candidates"):
         r = json.load(open(os.path.join(b.results_dir, f"rater_{scope}.json")))
         assert r["cost_s"] >= 100.0 and r["scope"] == scope
+        assert os.path.exists(os.path.join(b.results_dir, f"rater_{scope}_rater_analysis.png"))
     # the transfer protocol's stage 1 has the same inner UNet and settings: the cached raters are reused
     runner2 = FakeRunner()
     t = _bench(tmp_path, name="transfer", runner=runner2, methods=["uniform", "rater_cand"])
@@ -348,8 +351,14 @@ def test_report_verdict_yes_with_oracle_fraction(tmp_path):
     jitter = {s: 0.001 * ((-1) ** s) for s in seeds}
     _write_synthetic(root, "digits8", {"rater_cand": -3.0, "knn": +1.0, "oracle": -6.0}, seeds, spread=jitter,
                      oracle_seeds=[0, 1, 2, 3])
+    with open(os.path.join(root, "digits8", "rater_candidates.json"), "w") as f:
+        json.dump({"scope": "candidates", "key": "k-rater_cand", "cost_s": 600.0, "stage1": {"meta_steps": 300},
+                   "meta_summary": {"mean_gain": 1e-4}}, f)
     text = report.build_report(root, doc_dir=root)
     assert "**Yes: 1 NoiseRater comparison(s) beat uniform" in text
+    # stage 1: 600 s shared by the 6 rater_cand runs -> 100 s each; reach: 938 steps x 0.1 s = 94 s (+100, +600)
+    assert "| candidates | `k-rater_cand` | 300 | 600 | 6 | 100 | 1.00e-04 |" in text
+    assert "| NoiseRater, candidate-scope rater, argmax | 938 | 0.94x | 94 | 194 | 694 |" in text
     assert "beats uniform by 3.00 %" in text
     # fraction over the oracle's seeds 0..3: jitter cancels in pairs -> -3 / -6
     assert "captures 0.50 of the oracle's gain" in text
