@@ -1,275 +1,523 @@
 #!/usr/bin/env python
-"""Generate BENCHMARKS.md (tables with mean and 95% intervals over seeds, plots) from the JSON files
-that benchmarks/run_benchmark.py writes into benchmarks/results/.
+"""Generate BENCHMARKS.md from the result files (nothing typed in by hand).
 
-    python benchmarks/report.py            # writes BENCHMARKS.md and benchmarks/results/*.png
+    python benchmarks/report.py                         # all protocols under benchmarks/results/ -> BENCHMARKS.md
+    python benchmarks/report.py --results_root R --output OUT.md
+
+Reads, per protocol folder ``benchmarks/results/<protocol>/``: ``protocol.json``, ``run_<method>_seed<k>.json``,
+``rater_<scope>.json``, ``fd_floor.json`` (all written by ``benchmarks/run_benchmark.py``); the protocol
+``gpu32`` goes into its own section. ``benchmarks/results/legacy/`` (the previous protocol) is summarised in a
+labelled section. Statistics (intervals, power budget, minimal detectable effect) are those of
+``benchmarks/power.py``.
 """
 
 import argparse
-import glob
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-METHOD_ORDER = ["uniform", "min_snr", "knn", "assignment", "nr_hard", "nr_importance", "nr_soft"]
-METHOD_LABEL = {
-    "uniform": "uniform (eps ~ N(0, I))",
-    "min_snr": "Min-SNR-5 weighting",
-    "knn": "KNN noise (N=8)",
-    "assignment": "Immiscible (batch assignment)",
-    "nr_hard": "NoiseRater hard (argmax of 8)",
-    "nr_importance": "NoiseRater importance (unbiased, 8)",
-    "nr_soft": "NoiseRater soft weighting",
-}
-# two-sided 95% Student-t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+sys.path.insert(0, HERE)
+
+from power import (BUDGET_PCT, METRICS, final_fd, final_val_loss, load_runs, markdown_table,  # noqa: E402
+                   mean_ci, mean_sd, paired_relative_differences, power_rows)
+from protocols import METHOD_ORDER, METHODS, PROTOCOLS, RATER_METHODS  # noqa: E402
+
+GPU_PROTOCOLS = ("gpu32",)
+LEGACY_LABEL = {"uniform": "uniform", "min_snr": "Min-SNR-5", "knn": "KNN (N=8)", "assignment": "batch assignment",
+                "nr_hard": "NoiseRater hard (argmax of 8)", "nr_importance": "NoiseRater importance (8)",
+                "nr_soft": "NoiseRater soft weighting"}
 
 
-def mean_ci(values):
-    """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, float("nan"), 1
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return m, T95.get(len(vals) - 1, 1.96) * sd / math.sqrt(len(vals)), len(vals)
+# ---- small helpers -----------------------------------------------------------------------------------------
 
 
-def fmt(m, h, digits=4):
-    if not math.isfinite(m):
+def label(m):
+    return METHODS[m]["label"] if m in METHODS else LEGACY_LABEL.get(m, m)
+
+
+def finite(x):
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def fmt_ci(m, h, digits=4, unit=""):
+    if not finite(m):
         return "n/a"
-    if not math.isfinite(h):
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {h:.{digits}f}"
+    if not finite(h):
+        return f"{m:.{digits}f}{unit} (1 seed)"
+    return f"{m:.{digits}f} ± {h:.{digits}f}{unit}"
 
 
-def load_results(results_dir):
-    runs = defaultdict(dict)
-    for path in sorted(glob.glob(os.path.join(results_dir, "run_*.json"))):
-        with open(path) as f:
-            r = json.load(f)
-        runs[r["method"]][r["seed"]] = r
-    return runs
+def fmt_pct(m, h):
+    if not finite(m):
+        return "n/a"
+    if not finite(h):
+        return f"{m:+.2f} % (1 seed)"
+    return f"{m:+.2f} ± {h:.2f} %"
 
 
-def first_step_reaching(curve, target):
-    """First logged step whose value is <= target (curve: list of (step, value)), else None."""
-    for step, v in curve:
-        if v is not None and v <= target * (1 + 1e-9):
-            return step
+def read_json(path, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def ordered_methods(runs):
+    return [m for m in METHOD_ORDER if m in runs] + sorted(set(runs) - set(METHOD_ORDER))
+
+
+def paired(runs, method, metric, baseline="uniform"):
+    """``{seed: relative difference in %}`` of ``metric`` between ``method`` and ``baseline``."""
+    get = METRICS[metric]
+    return paired_relative_differences({s: get(r) for s, r in runs.get(method, {}).items()},
+                                       {s: get(r) for s, r in runs.get(baseline, {}).items()})
+
+
+def mean_curve(records):
+    """Mean validation curve over records, at the steps every record logged: [(step, mean)]."""
+    by_step = defaultdict(list)
+    for r in records:
+        for s, v in dict((int(s), v) for s, v in r.get("val_curve", [])).items():
+            by_step[s].append(v)
+    return [(s, sum(v) / len(v)) for s, v in sorted(by_step.items()) if len(v) == len(records)]
+
+
+def first_crossing(curve, target):
+    """First step at which a curve (list of (step, value), increasing steps) reaches ``value <= target``,
+    linearly interpolated between the two logged steps around the crossing; None if never reached."""
+    prev = None
+    for s, v in curve:
+        if v is not None and v <= target:
+            if prev is None or prev[1] == v:
+                return float(s)
+            s0, v0 = prev
+            return s0 + (s - s0) * (v0 - target) / (v0 - v)
+        prev = (s, v)
     return None
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--results_dir", default=os.path.join(HERE, "results"))
-    ap.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    a = ap.parse_args()
-    runs = load_results(a.results_dir)
-    methods = [m for m in METHOD_ORDER if m in runs] + sorted(set(runs) - set(METHOD_ORDER))
-    cfg_path = os.path.join(a.results_dir, "benchmark_config.json")
-    cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-    rater_info = json.load(open(os.path.join(a.results_dir, "rater.json"))) if os.path.exists(
-        os.path.join(a.results_dir, "rater.json")) else {}
-    L = []
-    L.append("# Benchmarks\n")
-    L.append("Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`, written by "
-             "`python benchmarks/run_benchmark.py` (resumable; see its `--help`). Every number below was "
-             "measured by those scripts on the machine named at the end; nothing is typed in by hand.\n")
-    summary = os.path.join(a.results_dir, "summary.md")
-    if os.path.exists(summary):
-        L.append(open(summary).read())
-    if cfg:
-        L.append("## Protocol\n")
-        L.append(f"- Data: {cfg.get('data')}; model: UNet2DModel config `{cfg.get('unet_config')}` "
-                 f"({cfg.get('unet_params')} parameters); {cfg.get('steps')} steps, batch {cfg.get('batch_size')}, "
-                 f"AdamW lr {cfg.get('learning_rate')}, DDPM {cfg.get('ddpm_num_steps')} steps, epsilon prediction, no EMA.")
-        L.append(f"- Identical for every method: data order, initialisation, optimiser, steps and seeds "
-                 f"({', '.join(map(str, cfg.get('seeds', [])))}). Only the noise selection / loss weighting differs.")
-        L.append(f"- Validation loss: plain diffusion loss under *standard Gaussian* noise on {cfg.get('num_validation_triples')} "
-                 "fixed (x0, eps, t) triples from the held-out split (identical for all runs), every "
-                 f"{cfg.get('validation_steps')} steps; t stratified; 4 timestep bands.")
-        L.append(f"- FD-EffLite0 / KID: {cfg.get('fd_samples')} generated images (DDIM, {cfg.get('fd_inference_steps')} steps) "
-                 f"vs {cfg.get('fd_real')} held-out real images, in the 1280-d feature space of the ImageNet "
-                 "EfficientNet-Lite0 shipped in PyPI wheels. **Not comparable to published FID.** Small sample "
-                 "counts inflate FD; compare only within this table.")
-        L.append("- Intervals: mean ± half-width of the 95% Student-t interval over seeds.\n")
-    if rater_info:
-        L.append("## Stage 1 (the rater used below)\n")
-        L.append(f"- Meta-trained on the training split only: {rater_info.get('data')}; "
-                 f"{rater_info.get('step')} meta-steps; wall time {rater_info.get('wall_time_s', float('nan')):.0f} s.")
-        L.append(f"- Mean over meta-steps of (uniform - rater-weighted) validation loss after the inner steps, on "
-                 f"identical batches: {rater_info.get('mean_gain', float('nan')):.2e} ({rater_info.get('num_comparisons')} "
-                 "comparisons; see `stage1_evidence.json` for its interval).\n")
-
-    # ---- final validation loss -----------------------------------------------------------------
-    L.append("## Validation loss under Gaussian noise (lower is better)\n")
-    checkpoints = sorted({s for m in runs for r in runs[m].values() for s, _ in r["val_curve"]})
-    shown = checkpoints if len(checkpoints) <= 8 else [s for s in checkpoints if s in _fractions(checkpoints)]
-    L.append("| method | seeds | " + " | ".join(f"step {s}" for s in shown) + " |")
-    L.append("|---|---|" + "---|" * len(shown))
-    for m in methods:
-        cells = []
-        for s in shown:
-            vals = [dict(map(tuple, r["val_curve"])).get(s) for r in runs[m].values()]
-            cells.append(fmt(*mean_ci(vals)[:2]))
-        L.append(f"| {METHOD_LABEL.get(m, m)} | {len(runs[m])} | " + " | ".join(cells) + " |")
-    L.append("")
-    if "uniform" in runs:
-        L.append("Paired by seed (same data order and initialisation): relative difference of the final validation "
-                 "loss to uniform, (method - uniform) / uniform in %, mean ± 95% interval; negative is better.\n")
-        L.append("| method | seeds | final val. loss vs uniform | final FD-EffLite0 vs uniform |")
-        L.append("|---|---|---|---|")
-        for m in methods:
-            if m == "uniform":
-                continue
-            seeds = [sd for sd in runs[m] if sd in runs["uniform"]]
-            rel = [100 * (runs[m][sd]["final"]["val_loss"] / runs["uniform"][sd]["final"]["val_loss"] - 1) for sd in seeds]
-            fdrel = []
-            for sd in seeds:
-                fm, fu = runs[m][sd].get("fd", {}), runs["uniform"][sd].get("fd", {})
-                last = str(max((int(k) for k in fu), default=0))
-                if last in fm and last in fu:
-                    fdrel.append(100 * (fm[last]["fd_efflite0"] / fu[last]["fd_efflite0"] - 1))
-            L.append(f"| {METHOD_LABEL.get(m, m)} | {len(seeds)} | {fmt(*mean_ci(rel)[:2], 1)} % | {fmt(*mean_ci(fdrel)[:2], 1)} % |")
-        L.append("")
-    bands = sorted({k for m in runs for r in runs[m].values() for k in r.get("final", {}) if k.startswith("val_loss_band_")})
-    if bands:
-        L.append("Final validation loss per timestep band (t in [edge_k, edge_k+1)):\n")
-        L.append("| method | " + " | ".join(b.replace("val_loss_", "") for b in bands) + " |")
-        L.append("|---|" + "---|" * len(bands))
-        for m in methods:
-            L.append(f"| {METHOD_LABEL.get(m, m)} | " + " | ".join(
-                fmt(*mean_ci([r["final"].get(b) for r in runs[m].values()])[:2]) for b in bands) + " |")
-        L.append("")
-
-    # ---- FD / KID ---------------------------------------------------------------------------------
-    if any("fd" in r for m in runs for r in runs[m].values()):
-        L.append("## FD-EffLite0 and KID (lower is better)\n")
-        fd_steps = sorted({int(s) for m in runs for r in runs[m].values() for s in r.get("fd", {})})
-        L.append("| method | " + " | ".join(f"FD @ {s}" for s in fd_steps) + " | KID x1e3 @ final |")
-        L.append("|---|" + "---|" * (len(fd_steps) + 1))
-        for m in methods:
-            cells = [fmt(*mean_ci([r.get("fd", {}).get(str(s), {}).get("fd_efflite0") for r in runs[m].values()])[:2], 2)
-                     for s in fd_steps]
-            kid = [1e3 * r["fd"][str(fd_steps[-1])]["kid_efflite0_mean"] for r in runs[m].values()
-                   if str(fd_steps[-1]) in r.get("fd", {})]
-            L.append(f"| {METHOD_LABEL.get(m, m)} | " + " | ".join(cells) + f" | {fmt(*mean_ci(kid)[:2], 3)} |")
-        L.append("")
-
-    # ---- steps and wall-clock to reach the uniform baseline -----------------------------------------
-    if "uniform" in runs:
-        L.append("## Steps and wall-clock to reach the uniform baseline's final quality\n")
-        target = mean_ci([r["final"]["val_loss"] for r in runs["uniform"].values()])[0]
-        fd_final_step = str(max(int(s) for r in runs["uniform"].values() for s in r.get("fd", {"0": 0}))) if any(
-            r.get("fd") for r in runs["uniform"].values()) else None
-        fd_target = mean_ci([r["fd"][fd_final_step]["fd_efflite0"] for r in runs["uniform"].values()
-                             if fd_final_step and fd_final_step in r.get("fd", {})])[0] if fd_final_step else float("nan")
-        meta_cost = rater_info.get("wall_time_s", float("nan"))
-        L.append(f"Targets: uniform's mean final validation loss {target:.4f}" +
-                 (f"; uniform's mean final FD-EffLite0 {fd_target:.2f}" if math.isfinite(fd_target) else "") + ". "
-                 "Steps are the first validation step (resp. FD evaluation step) at which the mean over seeds "
-                 "reaches the target; wall-clock is that many steps at the method's measured seconds per step "
-                 "(noise selection included). 'not reached' means not within the run. Seconds per step were "
-                 "measured while other jobs shared the 2 CPU cores, so differences between methods below ~20% "
-                 "are load noise; the selection-overhead table below is the controlled measurement.\n")
-        L.append("| method | s/step (select + train) | steps to val. target | ratio to uniform | wall-clock s | + meta-training s | steps to FD target |")
-        L.append("|---|---|---|---|---|---|---|")
-        base_steps = None
-        for m in methods:
-            rs = list(runs[m].values())
-            curve = _mean_curve([r["val_curve"] for r in rs])
-            reach = first_step_reaching(curve, target)
-            sps = mean_ci([r["wall_time_train_s"] / r["steps"] for r in rs])[0]
-            if m == "uniform":
-                base_steps = reach
-            ratio = f"{reach / base_steps:.2f}" if reach and base_steps else "n/a"
-            wall = f"{reach * sps:.0f}" if reach else "not reached"
-            extra = f"{reach * sps + meta_cost:.0f}" if reach and m.startswith("nr_") and math.isfinite(meta_cost) else "—"
-            fd_reach = "n/a"
-            if math.isfinite(fd_target):
-                fd_curve = _mean_curve([[(int(s), v["fd_efflite0"]) for s, v in r.get("fd", {}).items()] for r in rs])
-                fr = first_step_reaching(sorted(fd_curve), fd_target + 1e-9)
-                fd_reach = str(fr) if fr else "not reached"
-            L.append(f"| {METHOD_LABEL.get(m, m)} | {sps:.3f} | {reach or 'not reached'} | {ratio} | {wall} | {extra} | {fd_reach} |")
-        L.append("")
-
-    # ---- overhead ----------------------------------------------------------------------------------
-    ov_path = os.path.join(a.results_dir, "selection_overhead.json")
-    if os.path.exists(ov_path):
-        ov = json.load(open(ov_path))
-        L.append("## Stage-2 selection overhead\n")
-        L.append(f"`{ov.get('command')}`\n")
-        L.append("| selector | UNet params | resolution | batch | candidates | train step s | selection s | overhead |")
-        L.append("|---|---|---|---|---|---|---|---|")
-        for row in ov["rows"]:
-            L.append(f"| {row['selector']} | {row['unet_params']} | {row['resolution']} | {row['batch_size']} | {row['num_candidates']} | "
-                     f"{row['train_step_s']:.3f} | {row['select_s']:.4f} | {100 * row['overhead']:.1f}% |")
-        L.append("")
-    mc_path = os.path.join(a.results_dir, "meta_cost.json")
-    if os.path.exists(mc_path):
-        mc = json.load(open(mc_path))
-        L.append("## Stage-1 meta-step cost\n")
-        L.append(f"`{mc.get('command')}` ({mc.get('resolution')}x{mc.get('resolution')}, batch {mc.get('batch_size')}, one inner model)\n")
-        L.append("| K | median s / meta-step | peak RSS GB | inner UNet params |")
-        L.append("|---|---|---|---|")
-        for row in mc["rows"]:
-            L.append(f"| {row['K']} | {row['median_s']:.2f} | {row['peak_rss_gb']:.2f} | {row['unet_params']} |")
-        L.append("")
-
-    # ---- plots ----------------------------------------------------------------------------------
-    png = _plot_curves(runs, methods, a.results_dir)
-    if png:
-        L.append("## Learning curves\n")
-        L.append(f"![validation loss]({os.path.relpath(png, os.path.dirname(a.output))})\n")
-    ana = os.path.join(a.results_dir, "rater_analysis.png")
-    if os.path.exists(ana):
-        L.append("## Not all noise is equal: what the rater prefers\n")
-        L.append(f"![rater analysis]({os.path.relpath(ana, os.path.dirname(a.output))})\n")
-        ana_json = os.path.join(a.results_dir, "rater_analysis.json")
-        if os.path.exists(ana_json):
-            aj = json.load(open(ana_json))
-            L.append("Spearman rank correlation of the rater score with each quantity "
-                     f"({aj.get('n')} random (x0, eps, t) from the held-out split):\n")
-            L.append("| quantity | Spearman rho |")
-            L.append("|---|---|")
-            for k, v in aj.get("spearman", {}).items():
-                L.append(f"| {k} | {v:+.3f} |")
-            L.append("")
-    notes = os.path.join(a.results_dir, "notes.md")
-    if os.path.exists(notes):
-        L.append(open(notes).read())
-    if cfg:
-        L.append("## Reproduce\n")
-        L.append(f"```\n{cfg.get('command')}\npython benchmarks/report.py\n```\n")
-        L.append(f"Machine: {cfg.get('machine')}. Date: {cfg.get('date')}.\n")
-    with open(a.output, "w") as f:
-        f.write("\n".join(L))
-    print(f"wrote {a.output}")
+def flatness(curve, steps, fraction=0.2):
+    """Relative change in % of a validation curve over the last ``fraction`` of training:
+    100 * (v(steps) - v(s0)) / v(s0), with s0 the last logged step <= (1 - fraction) * steps. None if the curve
+    lacks either point."""
+    d = dict((int(s), v) for s, v in curve)
+    if steps not in d:
+        return None
+    before = [s for s in d if s <= (1 - fraction) * steps]
+    if not before:
+        return None
+    s0 = max(before)
+    return 100.0 * (d[steps] - d[s0]) / d[s0]
 
 
-def _fractions(checkpoints):
-    if not checkpoints:
-        return set()
-    n = len(checkpoints)
-    return {checkpoints[min(n - 1, max(0, round(f * n) - 1))] for f in (0.25, 0.5, 0.75, 1.0)}
+def classify(mean, hw, budget, n):
+    """Verdict phrase for a paired difference (in %, negative = better than uniform) against its budget."""
+    if n < 2 or not finite(hw):
+        return "unresolved", f"only {n} seed(s): no interval"
+    interval = f"{mean:+.2f} % (95 % CI {mean - hw:+.2f} to {mean + hw:+.2f} %)"
+    wide = hw > budget
+    if mean + hw < 0:
+        kind, text = "better", f"beats uniform by {-mean:.2f} %: {interval}"
+    elif mean - hw > 0:
+        kind, text = "worse", f"is worse than uniform by {mean:.2f} %: {interval}"
+    else:
+        kind, text = "tie", f"shows no difference from uniform that these seeds resolve: {interval}"
+    if wide:
+        text += f"; the interval's half-width {hw:.2f} % is wider than the ±{budget:g} % budget"
+    return kind, text
 
 
-def _mean_curve(curves):
-    by_step = defaultdict(list)
-    for c in curves:
-        for s, v in dict((int(s), v) for s, v in c).items():  # a resumed run may log a step twice: keep the last
-            by_step[s].append(v)
-    return [(s, sum(v) / len(v)) for s, v in sorted(by_step.items()) if len(v) == len(curves)]
+# ---- one protocol ------------------------------------------------------------------------------------------
 
 
-def _plot_curves(runs, methods, out_dir):
+def rater_costs(results_root):
+    """``{rater key: (cost_s, number of stage-2 runs that used it, in every protocol)}``."""
+    cost, uses = {}, defaultdict(int)
+    for name in sorted(os.listdir(results_root)) if os.path.isdir(results_root) else []:
+        d = os.path.join(results_root, name)
+        if not os.path.isdir(d) or name == "legacy":
+            continue
+        for scope in ("batch", "candidates"):
+            r = read_json(os.path.join(d, f"rater_{scope}.json"))
+            if r and finite(r.get("cost_s")):
+                cost[r["key"]] = r["cost_s"]
+        for runs in load_runs(d).values():
+            for rec in runs.values():
+                if rec.get("rater"):
+                    uses[rec["rater"]["key"]] += 1
+    return {k: (cost.get(k), uses.get(k, 0)) for k in set(cost) | set(uses)}
+
+
+def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
+    """(markdown lines, summary dict for the verdict) of the protocol whose results are in folder ``d``."""
+    info = read_json(os.path.join(d, "protocol.json"), {})
+    p = info.get("resolved") or dict(PROTOCOLS.get(name, {}), name=name)
+    runs = load_runs(d)
+    methods = ordered_methods(runs)
+    rel = os.path.relpath(d, ROOT)
+    L = [f"{level} Protocol `{name}`\n", p.get("description", ""), ""]
+    reproduce = sorted(set(info.get("commands") or [f"python benchmarks/run_benchmark.py --protocol {name}"]))
+    summary = {"name": name, "runs": runs, "rows": {}, "fd": bool(p.get("fd")), "oracle": None, "captured": {}}
     if not runs:
+        L.append(f"No results yet. Run `python benchmarks/run_benchmark.py --protocol {name} --max_hours 2.3` "
+                 "(repeat until done), then `python benchmarks/report.py`.\n")
+        return L, summary
+
+    # -- protocol facts
+    fd = p.get("fd")
+    seeds_by_method = {m: sorted(runs[m]) for m in methods}
+    L.append(f"- Data: `{p.get('dataset_name')}` {p.get('resolution')}x{p.get('resolution')}, "
+             f"{p.get('num_channels')} channel(s). Stage-2 UNet: {info.get('unet_params', 'n/a')} parameters "
+             f"(`{json.dumps(p.get('unet'))}`); stage-1 inner UNet: {info.get('stage1_unet_params', 'n/a')} parameters.")
+    L.append(f"- {p.get('steps')} steps, batch {p.get('batch_size')}, AdamW lr {p.get('learning_rate')} "
+             f"(constant after {p.get('lr_warmup_steps')} warm-up steps), DDPM 1000 steps, epsilon prediction.")
+    L.append(f"- Common random numbers: every method of a seed ran with the same `--seed` and the same pool of "
+             f"N = {p.get('num_candidate_noises')} candidate noises per sample (uniform trains on candidate 0).")
+    L.append("- Seeds per method: " + "; ".join(f"{m} {','.join(map(str, s))}" for m, s in seeds_by_method.items()) + ".")
+    L.append(f"- Validation loss (primary metric): plain diffusion loss under Gaussian noise on "
+             f"{p.get('num_validation_triples')} fixed (x0, eps, t) triples of the seed's held-out split "
+             f"(validation seed {p.get('validation_seed')}), every {p.get('validation_steps')} steps.")
+    floor = read_json(os.path.join(d, "fd_floor.json"))
+    if fd:
+        L.append(f"- FD-EffLite0: {fd['num_generated']} generated images ({fd['scheduler'].upper()}, "
+                 f"{fd['num_inference_steps']} steps, sample seed {fd['sample_seed']}, the same for all methods) vs "
+                 f"{fd['num_real']} real images no run trained on, at steps "
+                 f"{', '.join(str(int(round(p['steps'] * f))) for f in fd['at_fractions'])}. EfficientNet-Lite0 "
+                 "features: **not comparable to published FID**.")
+        if floor:
+            L.append(f"- FD floor (real vs real, two disjoint halves of {floor['source']}): "
+                     f"{floor['fd_real_vs_real_halves']:.2f} at {floor['num_real_reference']} vs "
+                     f"{floor['num_real_reference']}; {floor['fd_real_vs_real_at_generated_count']:.2f} at "
+                     f"{floor['num_generated']} vs {floor['num_real_reference']} (the generated-vs-real counts).")
+        if info.get("fd_off_protocol"):
+            L.append(f"- **{info['fd_off_protocol']}.**")
+    else:
+        L.append(f"- FD: not computed. {p.get('fd_note', '')}")
+    s1 = p.get("stage1", {})
+    L.append(f"- Stage 1 (rater methods only): {s1.get('meta_steps')} meta-steps, population {s1.get('population_size')}, "
+             f"K = {s1.get('inner_steps')} inner steps at lr {s1.get('inner_lr')}, seed {s1.get('seed')}"
+             + (f" ({info['stage1_seed_note']})." if info.get("stage1_seed_note") else "."))
+    if info.get("machine"):
+        L.append(f"- Machine: {info['machine']}; first run {info.get('date')}.")
+    L.append(f"- Reproduce: `{'`; `'.join(reproduce)}`, then `python benchmarks/report.py` "
+             f"(results: `{rel}/`).\n")
+
+    # -- stage 1
+    raters = [r for r in (read_json(os.path.join(d, f"rater_{scope}.json")) for scope in ("batch", "candidates")) if r]
+    if raters:
+        L.append(f"{level}# Stage-1 raters used here\n")
+        L.append("| scope | cache key | meta-steps | cost s | stage-2 runs sharing it (all protocols) | amortised s per run "
+                 "| mean stage-1 gain (uniform - weighted val. loss) |")
+        L.append("|---|---|---|---|---|---|---|")
+        for r in raters:
+            cost, uses = costs.get(r["key"], (r.get("cost_s"), 0))
+            gain = r.get("meta_summary", {}).get("mean_gain")
+            L.append(f"| {r['scope']} | `{r['key']}` | {r.get('stage1', {}).get('meta_steps')} | "
+                     f"{f'{cost:.0f}' if finite(cost) else 'n/a'} | {uses} | "
+                     f"{f'{cost / uses:.0f}' if finite(cost) and uses else 'n/a'} | "
+                     f"{f'{gain:.2e}' if finite(gain) else 'n/a'} |")
+        L.append("")
+        for r in raters:
+            for fig in ("rater_analysis.png", "meta_evidence.png"):
+                path = os.path.join(d, f"rater_{r['scope']}_{fig}")
+                if os.path.exists(path):
+                    L.append(f"![{r['scope']} rater: {fig[:-4].replace('_', ' ')}]({os.path.relpath(path, doc_dir)})")
+        L.append("")
+
+    # -- main table
+    L.append(f"{level}# Final quality, paired with uniform (negative difference = better than uniform)\n")
+    head = "| method | seeds | final val. loss | vs uniform (paired) |"
+    sep = "|---|---|---|---|"
+    if fd:
+        head += " final FD | FD vs uniform (paired) |"
+        sep += "---|---|"
+    L += [head + " s/step |", sep + "---|"]
+    for m in methods:
+        rs = runs[m]
+        vl = mean_ci([final_val_loss(r) for r in rs.values()])
+        dv = mean_ci(list(paired(runs, m, "val_loss").values())) if m != "uniform" else None
+        row = f"| {label(m)} | {len(rs)} | {fmt_ci(vl[0], vl[1])} | {fmt_pct(*dv[:2]) if dv else '—'} |"
+        if fd:
+            f = mean_ci([final_fd(r) for r in rs.values()])
+            df = mean_ci(list(paired(runs, m, "fd").values())) if m != "uniform" else None
+            row += f" {fmt_ci(f[0], f[1], 2)} | {fmt_pct(*df[:2]) if df else '—'} |"
+        sps = mean_sd([r.get("s_per_step") for r in rs.values()])[0]
+        L.append(row + f" {sps:.3f} |" if finite(sps) else row + " n/a |")
+    L.append("\nIntervals: mean ± half-width of the 95 % Student-t interval over seeds; paired columns are "
+             "100 (method - uniform) / uniform per seed, then the interval over seeds (`benchmarks/power.py`).\n")
+
+    # -- power budget
+    rows = power_rows(runs, "val_loss") + (power_rows(runs, "fd") if fd else [])
+    summary["rows"] = {(r["method"], r["metric"]): r for r in rows}
+    if rows:
+        L.append(f"{level}# Power budget and minimal detectable effect\n")
+        L.append("Budget: 95 % half-width of the paired difference <= "
+                 f"{BUDGET_PCT['val_loss']:g} % (final validation loss) and <= {BUDGET_PCT['fd']:g} % (FD). "
+                 "'seeds needed' takes this run's seed-to-seed sd as the truth: n = smallest n with "
+                 "t(0.975, n-1) sd / sqrt(n) <= budget. MDE = (t(0.975, n-1) + t(0.80, n-1)) sd / sqrt(n) at the "
+                 "seeds run (two-sided alpha 0.05, 80 % power; about 2.8 x SE for large n). "
+                 f"Reproduce: `python benchmarks/power.py {rel}`.\n")
+        L += markdown_table(rows)
+        L.append("")
+
+    # -- oracle ceiling
+    if "oracle" in runs and "uniform" in runs:
+        L.append(f"{level}# Oracle ceiling\n")
+        od = paired(runs, "oracle", "val_loss")
+        om = mean_ci(list(od.values()))
+        summary["oracle"] = {"mean": om[0], "hw": om[1], "n": om[2]}
+        L.append(f"The oracle (exact one-step influence, per candidate) changes the final validation loss by "
+                 f"{fmt_pct(*om[:2])} vs uniform ({om[2]} seeds: {', '.join(map(str, sorted(od)))}). Fraction of "
+                 "the oracle's gain captured = (mean paired difference of the method) / (mean paired difference of "
+                 "the oracle), both over the oracle's seeds; 1 = as good as the oracle, 0 = no better than uniform, "
+                 "< 0 = worse than uniform.\n")
+        L.append("| method | seeds shared with the oracle | method vs uniform | oracle vs uniform | fraction captured | gap to oracle (points) |")
+        L.append("|---|---|---|---|---|---|")
+        for m in methods:
+            if m in ("uniform", "oracle"):
+                continue
+            md = paired(runs, m, "val_loss")
+            common = sorted(set(md) & set(od))
+            if not common:
+                continue
+            mm = sum(md[s] for s in common) / len(common)
+            oo = sum(od[s] for s in common) / len(common)
+            frac = mm / oo if oo < 0 else None
+            if m in RATER_METHODS:
+                summary["captured"][m] = {"fraction": frac, "gap": mm - oo, "n": len(common)}
+            L.append(f"| {label(m)} | {len(common)} | {mm:+.2f} % | {oo:+.2f} % | "
+                     f"{f'{frac:.2f}' if frac is not None else 'undefined (oracle gains nothing)'} | {mm - oo:+.2f} |")
+        L.append("")
+
+    # -- steps and wall-clock to uniform's final quality
+    if "uniform" in runs:
+        L += reach_table(name, p, runs, methods, costs, level, fd)
+
+    # -- flatness
+    if "uniform" in runs:
+        fl = [flatness(r.get("val_curve", []), p.get("steps")) for r in runs["uniform"].values()]
+        fm = mean_ci(fl)
+        summary["flatness"] = fm
+        L.append(f"{level}# Was training long enough?\n")
+        L.append(f"Uniform's validation loss changed by {fmt_pct(*fm[:2])} over the last 20 % of the "
+                 f"{p.get('steps')} steps (from the last validation at or before step "
+                 f"{int(0.8 * p.get('steps', 0))} to the end; mean over {fm[2]} seeds). "
+                 + ("It is flat to within 1 %." if finite(fm[0]) and abs(fm[0]) < 1 else
+                    "It is still falling: the comparison is one of early training." if finite(fm[0]) else "") + "\n")
+
+    png = plot_curves(runs, methods, d)
+    if png:
+        L.append(f"![learning curves, {name}]({os.path.relpath(png, doc_dir)})\n")
+    return L, summary
+
+
+def reach_table(name, p, runs, methods, costs, level, fd):
+    L = [f"{level}# Steps and wall-clock to reach uniform's final quality\n"]
+    target = mean_sd([final_val_loss(r) for r in runs["uniform"].values()])[0]
+    fd_target = mean_sd([final_fd(r) for r in runs["uniform"].values()])[0] if fd else float("nan")
+    L.append(f"Target: uniform's mean final validation loss {target:.5f}"
+             + (f" and mean final FD {fd_target:.2f}" if finite(fd_target) else "")
+             + ". Steps: first step at which the method's mean curve (over its seeds) reaches the target, linearly "
+             "interpolated between validations (FD: between FD evaluations). Wall-clock: those steps times the "
+             "method's measured seconds per step (selection + training, validation excluded). Stage 1, for rater "
+             "methods: its cost divided over all stage-2 runs that used the same cached rater (amortised), and in "
+             "full. Per-step times were measured on a shared machine: differences below ~20 % are load noise.\n")
+    head = "| method | steps to val. target | vs uniform | wall-clock s | + stage 1 amortised s | + stage 1 in full s |"
+    if finite(fd_target):
+        head += " steps to FD target |"
+    L += [head, "|---|---|---|---|---|---|" + ("---|" if finite(fd_target) else "")]
+    base = None
+    for m in methods:
+        rs = list(runs[m].values())
+        reach = first_crossing(mean_curve(rs), target)
+        if m == "uniform":
+            base = reach
+        sps = mean_sd([r.get("s_per_step") for r in rs])[0]
+        wall = reach * sps if reach is not None and finite(sps) else None
+        amort = full = "—"
+        keys = {r["rater"]["key"] for r in rs if r.get("rater")}
+        if keys and wall is not None:
+            c = [costs.get(k, (None, 0)) for k in keys]
+            if all(finite(cost) and uses for cost, uses in c):
+                amort = f"{wall + sum(cost / uses for cost, uses in c) / len(c):.0f}"
+                full = f"{wall + sum(cost for cost, _ in c) / len(c):.0f}"
+            else:
+                amort = full = "stage-1 cost not recorded"
+        ratio = f"{reach / base:.2f}x" if reach is not None and base else "n/a"
+        row = (f"| {label(m)} | {f'{reach:.0f}' if reach is not None else 'not reached'} | {ratio} | "
+               f"{f'{wall:.0f}' if wall is not None else 'not reached'} | {amort} | {full} |")
+        if finite(fd_target):
+            fd_curve = fd_mean_curve(rs)
+            fr = first_crossing(fd_curve, fd_target)
+            row += f" {f'{fr:.0f}' if fr is not None else 'not reached'} |"
+        L.append(row)
+    L.append("")
+    return L
+
+
+def fd_mean_curve(records):
+    by_step = defaultdict(list)
+    for r in records:
+        for s, v in (r.get("fd") or {}).items():
+            if finite(v.get("fd_efflite0")):
+                by_step[int(s)].append(v["fd_efflite0"])
+    return [(s, sum(v) / len(v)) for s, v in sorted(by_step.items()) if len(v) == len(records)]
+
+
+def transfer_section(results_root, level="##"):
+    """Rater transfer: paired differences at the large stage-2 UNet (protocol ``transfer``) next to the same
+    methods at the small UNet the rater was meta-trained with (its ``small_protocol``)."""
+    d = os.path.join(results_root, "transfer")
+    info = read_json(os.path.join(d, "protocol.json"), {})
+    p = info.get("resolved") or PROTOCOLS["transfer"]
+    small_name = p.get("small_protocol", "digits8")
+    big = load_runs(d) if os.path.isdir(d) else {}
+    small = load_runs(os.path.join(results_root, small_name)) if os.path.isdir(os.path.join(results_root, small_name)) else {}
+    L = [f"{level} Rater transfer: small inner UNet -> larger stage-2 UNet\n"]
+    if not big:
+        L.append("No results yet: `python benchmarks/run_benchmark.py --protocol transfer --max_hours 2.3`.\n")
+        return L
+    sinfo = read_json(os.path.join(results_root, small_name, "protocol.json"), {})
+    L.append(f"Raters meta-trained with the {info.get('stage1_unet_params', 'n/a')}-parameter inner UNet drive stage 2 "
+             f"of a {info.get('unet_params', 'n/a')}-parameter UNet "
+             + (f"({info['unet_params'] / info['stage1_unet_params']:.1f}x)" if info.get("stage1_unet_params") else "")
+             + f"; each column is paired with uniform at its own size. Small size: protocol `{small_name}` "
+             f"({sinfo.get('unet_params', 'n/a')} parameters). Reproduce: `python benchmarks/run_benchmark.py "
+             f"--protocol transfer` and `--protocol {small_name}`.\n")
+    L.append("| method | seeds (large) | val. loss vs uniform, large UNet | seeds (small) | val. loss vs uniform, small UNet |")
+    L.append("|---|---|---|---|---|")
+    for m in ordered_methods(big):
+        if m == "uniform":
+            continue
+        b = mean_ci(list(paired(big, m, "val_loss").values()))
+        s = mean_ci(list(paired(small, m, "val_loss").values())) if m in small else (float("nan"), float("nan"), 0)
+        L.append(f"| {label(m)} | {b[2]} | {fmt_pct(*b[:2])} | {s[2]} | {fmt_pct(*s[:2]) if s[2] else 'not run'} |")
+    L.append("")
+    return L
+
+
+# ---- verdict -----------------------------------------------------------------------------------------------
+
+
+def verdict(summaries):
+    """Markdown lines answering: does any NoiseRater variant beat uniform, by how much, how far from the oracle;
+    which intervals miss the budget and why. Built only from the summaries' numbers."""
+    L = ["## Verdict\n"]
+    measured = [s for s in summaries if s["runs"].get("uniform") and any(m in s["runs"] for m in RATER_METHODS)]
+    if not measured:
+        L.append("No protocol has both uniform and NoiseRater results yet: no verdict.\n")
+        return L
+    winners, over_budget = [], []
+    for s in measured:
+        metrics = ["val_loss"] + (["fd"] if s["fd"] else [])
+        L.append(f"**`{s['name']}`**\n")
+        for m in RATER_METHODS:
+            for metric in metrics:
+                r = s["rows"].get((m, metric))
+                if r is None:
+                    continue
+                kind, text = classify(r["mean_pct"], r["halfwidth_pct"], r["budget_pct"], r["n"])
+                what = "final validation loss" if metric == "val_loss" else "final FD"
+                line = f"- {label(m)}, {what} ({r['n']} seeds): {text}"
+                if kind == "better":
+                    winners.append((s["name"], m, metric, r))
+                if r["meets_budget"] is False:
+                    need = r["seeds_needed"]
+                    line += (f" (seed-to-seed sd of the paired difference {r['sd_pct']:.2f} %: the budget needs "
+                             f"{need} seeds" if need else f" (sd {r['sd_pct']:.2f} %: no feasible seed count")
+                    line += f"; minimal detectable effect at {r['n']} seeds: {r['mde_pct']:.2f} %)"
+                    over_budget.append((s["name"], m, metric))
+                elif r["meets_budget"] and kind == "tie":
+                    line += f"; minimal detectable effect {r['mde_pct']:.2f} %"
+                L.append(line + ".")
+        o = s.get("oracle")
+        if o:
+            L.append(f"- Oracle ceiling: {fmt_pct(o['mean'], o['hw'])} vs uniform ({o['n']} seeds).")
+            for m, c in s["captured"].items():
+                if c["fraction"] is None:
+                    L.append(f"  - {label(m)}: the oracle gains nothing here, so no fraction of its gain is defined "
+                             f"(gap {c['gap']:+.2f} points).")
+                else:
+                    L.append(f"  - {label(m)} captures {c['fraction']:.2f} of the oracle's gain "
+                             f"({c['gap']:+.2f} percentage points from the oracle, {c['n']} shared seeds).")
+        fl = s.get("flatness")
+        if fl and finite(fl[0]) and abs(fl[0]) >= 1:
+            L.append(f"- Uniform's validation loss still changed by {fl[0]:+.2f} % over the last 20 % of steps: "
+                     "training is not flat, so this compares early training.")
+        L.append("")
+    if winners:
+        best = min(winners, key=lambda w: w[3]["mean_pct"])
+        L.insert(1, f"**Yes: {len(winners)} NoiseRater comparison(s) beat uniform with a 95 % interval below zero. "
+                    f"Largest: {label(best[1])} on `{best[0]}` ({'validation loss' if best[2] == 'val_loss' else 'FD'} "
+                    f"{best[3]['mean_pct']:+.2f} ± {best[3]['halfwidth_pct']:.2f} %).**\n")
+    else:
+        L.insert(1, "**No: no NoiseRater variant beats uniform with a 95 % interval below zero on any protocol "
+                    "measured.**\n")
+    if over_budget:
+        L.append("Intervals wider than the power budget: " + ", ".join(f"`{p}` {m} ({metric})" for p, m, metric in
+                                                                      over_budget)
+                 + ". The reason is the seed-to-seed spread of the paired difference at the seeds run; the "
+                   "'seeds needed' column of each power table says how many seeds would meet the budget.\n")
+    return L
+
+
+# ---- previous protocol -------------------------------------------------------------------------------------
+
+
+def legacy_section(d, doc_dir=ROOT):
+    runs = load_runs(d)
+    if not runs:
+        return []
+    cfg = read_json(os.path.join(d, "benchmark_config.json"), {})
+    L = ["## Previous protocol (before common random numbers; kept for the record)\n",
+         f"Fashion-MNIST 16x16, {cfg.get('steps')} steps, seeds {cfg.get('seeds')}, one generator for timesteps and "
+         "candidates (methods drifted apart after step 1), FD on "
+         f"{cfg.get('fd_samples')} generated vs {cfg.get('fd_real')} real images. Not comparable with the protocols "
+         f"above. Full report: [{os.path.relpath(d, doc_dir)}/BENCHMARKS_previous.md]"
+         f"({os.path.relpath(d, doc_dir)}/BENCHMARKS_previous.md); data: `{os.path.relpath(d, ROOT)}/`.\n",
+         "| method | seeds | final val. loss | vs uniform (paired) | final FD vs uniform (paired) |",
+         "|---|---|---|---|---|"]
+    order = [m for m in LEGACY_LABEL if m in runs] + sorted(set(runs) - set(LEGACY_LABEL))
+    for m in order:
+        vl = mean_ci([final_val_loss(r) for r in runs[m].values()])
+        dv = mean_ci(list(paired(runs, m, "val_loss").values())) if m != "uniform" else None
+        df = mean_ci(list(paired(runs, m, "fd").values())) if m != "uniform" else None
+        L.append(f"| {LEGACY_LABEL.get(m, m)} | {len(runs[m])} | {fmt_ci(vl[0], vl[1])} | "
+                 f"{fmt_pct(*dv[:2]) if dv else '—'} | {fmt_pct(*df[:2]) if df else '—'} |")
+    L.append("")
+    return L
+
+
+def cost_section(results_root):
+    L = []
+    ov = read_json(os.path.join(results_root, "selection_overhead.json"))
+    if ov:
+        L += ["## Stage-2 selection overhead\n", f"`{ov.get('command')}`\n",
+              "| selector | UNet params | resolution | batch | candidates | train step s | selection s | overhead |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in ov["rows"]:
+            L.append(f"| {r['selector']} | {r['unet_params']} | {r['resolution']} | {r['batch_size']} | "
+                     f"{r['num_candidates']} | {r['train_step_s']:.3f} | {r['select_s']:.4f} | {100 * r['overhead']:.1f}% |")
+        L.append("")
+    mc = read_json(os.path.join(results_root, "meta_cost.json"))
+    if mc:
+        L += ["## Stage-1 meta-step cost\n",
+              f"`{mc.get('command')}` ({mc.get('resolution')}x{mc.get('resolution')}, batch {mc.get('batch_size')}, "
+              "one inner model)\n", "| K | median s / meta-step | peak RSS GB | inner UNet params |", "|---|---|---|---|"]
+        for r in mc["rows"]:
+            L.append(f"| {r['K']} | {r['median_s']:.2f} | {r['peak_rss_gb']:.2f} | {r['unet_params']} |")
+        L.append("")
+    return L
+
+
+def plot_curves(runs, methods, out_dir):
+    """Mean validation curves and their ratio to uniform -> ``out_dir/learning_curves.png``."""
+    curves = {m: mean_curve(list(runs[m].values())) for m in methods}
+    if not any(curves.values()):
         return None
     import matplotlib
 
@@ -277,25 +525,85 @@ def _plot_curves(runs, methods, out_dir):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-    for m in methods:
-        curve = _mean_curve([r["val_curve"] for r in runs[m].values()])
-        if not curve:
+    base = dict(curves.get("uniform", []))
+    for m, c in curves.items():
+        if not c:
             continue
-        ax[0].plot([s for s, _ in curve], [v for _, v in curve], label=METHOD_LABEL.get(m, m))
-        if "uniform" in runs:
-            base = dict(_mean_curve([r["val_curve"] for r in runs["uniform"].values()]))
-            ax[1].plot([s for s, _ in curve if s in base], [v / base[s] for s, v in curve if s in base],
-                       label=METHOD_LABEL.get(m, m))
+        ax[0].plot([s for s, _ in c], [v for _, v in c], label=label(m))
+        if base:
+            ax[1].plot([s for s, _ in c if s in base], [v / base[s] for s, v in c if s in base], label=label(m))
     ax[0].set_xlabel("training step"); ax[0].set_ylabel("validation loss (Gaussian noise)"); ax[0].set_yscale("log")
     ax[0].legend(fontsize=7)
     ax[1].axhline(1.0, color="k", lw=0.5)
-    ax[1].set_xlabel("training step"); ax[1].set_ylabel("relative to uniform (mean over seeds)")
+    ax[1].set_xlabel("training step"); ax[1].set_ylabel("mean curve / uniform's mean curve")
     fig.tight_layout()
     path = os.path.join(out_dir, "learning_curves.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
+# ---- document ----------------------------------------------------------------------------------------------
+
+
+def protocol_dirs(results_root):
+    """Protocol folders in report order: the known CPU protocols, other folders, then GPU protocols."""
+    names = [n for n in sorted(os.listdir(results_root)) if n != "legacy"
+             and os.path.isdir(os.path.join(results_root, n))] if os.path.isdir(results_root) else []
+    known = [n for n in PROTOCOLS if n not in GPU_PROTOCOLS]
+    cpu = [n for n in known] + [n for n in names if n not in PROTOCOLS]
+    return cpu, [n for n in GPU_PROTOCOLS]
+
+
+def build_report(results_root, doc_dir=ROOT):
+    cpu, gpu = protocol_dirs(results_root)
+    costs = rater_costs(results_root)
+    body, summaries = [], []
+    for name in cpu:
+        lines, s = protocol_section(name, os.path.join(results_root, name), results_root, costs, doc_dir=doc_dir)
+        body += lines
+        summaries.append(s)
+        if name == "transfer":
+            body += transfer_section(results_root)
+    gpu_body, gpu_summaries = [], []
+    for name in gpu:
+        lines, s = protocol_section(name, os.path.join(results_root, name), results_root, costs, level="###",
+                                    doc_dir=doc_dir)
+        gpu_body += lines
+        gpu_summaries.append(s)
+    L = ["# Benchmarks\n",
+         "Generated by `python benchmarks/report.py` from the result files under `benchmarks/results/`, written by "
+         "`python benchmarks/run_benchmark.py --protocol NAME` (resumable, in pieces: `--max_hours`). Every number "
+         "below comes from those files; each section names the command that reproduces it. Protocols are defined "
+         "in `benchmarks/protocols.py`.\n",
+         "Workflow: a pilot (`python benchmarks/run_benchmark.py --protocol digits8 --seeds 0 1 2 --max_hours 2.3`), "
+         "then `python benchmarks/power.py benchmarks/results/digits8` gives the seeds each method needs for the "
+         "budget (95 % half-width of the paired difference <= 2 % for validation loss, <= 5 % for FD); run more "
+         "seeds with `--seeds 0 1 ... n-1` (finished runs are skipped), commit `benchmarks/results/` after each "
+         "piece, and regenerate this file.\n"]
+    L += verdict(summaries)
+    L += body
+    L.append("## GPU protocol (reported separately)\n")
+    L.append("Run by `bash benchmarks/gpu_benchmark.sh` on a CUDA machine; not pooled with the CPU protocols.\n")
+    L += gpu_body
+    if any(s["runs"] for s in gpu_summaries):
+        L += ["### GPU verdict\n"] + verdict(gpu_summaries)[1:]
+    L += cost_section(results_root)
+    L += legacy_section(os.path.join(results_root, "legacy"), doc_dir)
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results_root", default=os.path.join(HERE, "results"))
+    ap.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    a = ap.parse_args(argv)
+    text = build_report(a.results_root, os.path.dirname(os.path.abspath(a.output)))
+    with open(a.output, "w") as f:
+        f.write(text)
+    print(f"wrote {a.output}")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

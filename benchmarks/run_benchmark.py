@@ -1,28 +1,39 @@
 #!/usr/bin/env python
-"""Side-by-side benchmark on Fashion-MNIST (built-in): does learned noise valuation beat uniform noise
-and the known baselines?
+"""Run one benchmark protocol (see benchmarks/protocols.py), resumably and in pieces.
 
-    python benchmarks/run_benchmark.py                 # everything (resumable: run it again to continue)
-    python benchmarks/run_benchmark.py --seeds 0 --methods uniform nr_hard   # a subset
-    python benchmarks/report.py                        # BENCHMARKS.md from the JSON results
+    python benchmarks/run_benchmark.py --protocol digits8 --max_hours 2.3      # one piece; run again to continue
+    python benchmarks/run_benchmark.py --protocol digits8 --methods uniform    # never runs stage 1
+    python benchmarks/run_benchmark.py --protocol fmnist16 --dry_run          # print the plan, run nothing
+    python benchmarks/report.py                                                # BENCHMARKS.md from the results
 
-1. Stage 1: ``train_noiserater.py`` meta-trains a rater on the *training split only*.
-2. Stage 2: for each seed, each method runs ``train_diffusion_hard.py`` with identical data order, model
-   initialisation, optimiser, steps and seed; only noise selection / loss weighting differs:
-   uniform; min_snr (gamma 5); knn (N=8); assignment; nr_hard (argmax of 8); nr_importance (unbiased
-   importance rule, 8); nr_soft (rater_soft weighting).
-3. Evaluation: validation loss under standard Gaussian noise on fixed triples (logged by the script), and
-   FD-EffLite0 / KID of generated vs held-out images at the middle and the end of training.
+Per protocol:
 
-Each finished run writes ``benchmarks/results/run_<method>_seed<seed>.json``; an interrupted training run
-resumes from its last checkpoint in ``benchmarks/runs/``. Runs are ordered seed-major, so a partial
-benchmark has every method at the seeds done so far.
+1. Stage 1 (only if a pending run needs a rater): ``train_noiserater.py`` meta-trains one rater per
+   ``--weighting_scope`` (``batch``, ``candidates``) with the protocol's *stage-1* inner UNet, into
+   ``benchmarks/runs/raters/<key>/`` where the key hashes everything that determines the rater; protocols with
+   equal keys share it (``transfer`` reuses ``digits8``'s). Its cost is written to
+   ``results/<protocol>/rater_<scope>.json``.
+2. Stage 2: for each seed (seed-major, so a partial benchmark has every method at the seeds done so far) and
+   method, ``train_diffusion_hard.py`` with the same ``--seed`` and the same ``--num_candidate_noises`` for
+   every method (common random numbers: the candidate pools align), resuming from its last checkpoint.
+3. Evaluation: the validation curve and final validation loss come from the run's ``validation.jsonl`` /
+   ``final_metrics.json``; FD-EffLite0 (when the protocol has FD) of ``num_generated`` DDIM samples vs
+   ``num_real`` real images that no run trained on, at the protocol's fractions of training. The real-vs-real
+   floor (two disjoint real halves) is written once to ``results/<protocol>/fd_floor.json``.
+
+A finished run writes ``results/<protocol>/run_<method>_seed<k>.json`` and is skipped afterwards.
+``--max_hours`` bounds one invocation: a job whose estimated time (from the runs already finished) does not fit
+is not started, and a job still running at the deadline is stopped (it resumes from its last checkpoint next
+time). Commit ``benchmarks/results/`` after each piece.
 """
 
 import argparse
+import gzip
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,223 +41,553 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 from noise_rater.training_utils import read_jsonl  # noqa: E402
+from protocols import (METHODS, PROTOCOLS, ProtocolError, fd_off_protocol, fd_step, get_protocol,  # noqa: E402
+                       seeds_for, stage1_key)
 
-METHODS = {
-    "uniform": ["--noise_selection", "uniform"],
-    "min_snr": ["--noise_selection", "uniform", "--loss_weighting", "min_snr", "--snr_gamma", "5"],
-    "knn": ["--noise_selection", "knn", "--num_candidate_noises", "8"],
-    "assignment": ["--noise_selection", "assignment"],
-    "nr_hard": ["--noise_selection", "rater", "--num_candidate_noises", "8", "--selection_rule", "argmax"],
-    "nr_importance": ["--noise_selection", "rater", "--num_candidate_noises", "8", "--selection_rule", "importance"],
-    "nr_soft": ["--noise_selection", "uniform", "--loss_weighting", "rater_soft"],
-}
-UNET_CONFIG = {
-    "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
-}
+STAGE1_SEED_NOTE = ("stage 1 uses seed {seed}, so its meta-validation split is not the held-out split of any "
+                    "stage-2 seed (splits are seeded by --seed; they still overlap at random)")
+# Keys that only select a subset of a protocol's runs, or only describe it; any other difference means a
+# different protocol.
+SELECTION_KEYS = ("seeds", "methods", "method_seeds", "description", "fd_note")
+BUDGET_MARGIN_S = 60.0
 
 
-def sh(cmd, log):
-    with open(log, "a") as f:
+class UsageError(Exception):
+    """Bad command-line input; printed as one ``error:`` line, exit 2."""
+
+
+class BudgetExhausted(Exception):
+    """The invocation's time budget is spent; the benchmark continues at the next invocation."""
+
+
+# ---- command execution ------------------------------------------------------------------------------------
+
+
+def run_command(cmd, log_path, timeout_s=None):
+    """Run ``cmd`` (list) from the repository root, appending its output to ``log_path``.
+
+    Returns the exit status. On ``timeout_s`` the whole process group gets SIGTERM (SIGKILL 30 s later) and
+    ``subprocess.TimeoutExpired`` is raised; checkpoints are written atomically, so the run resumes from its
+    last complete checkpoint next time.
+    """
+    with open(log_path, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
-        raise SystemExit(f"command failed (exit {p.returncode}), see {log}:\n{' '.join(cmd)}")
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            raise
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--resolution", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--learning_rate", type=float, default=1e-3)
-    ap.add_argument("--validation_steps", type=int, default=100)
-    ap.add_argument("--num_validation_triples", type=int, default=1024)
-    ap.add_argument("--meta_steps", type=int, default=150)
-    ap.add_argument("--fd_samples", type=int, default=300)
-    ap.add_argument("--fd_real", type=int, default=1000)
-    ap.add_argument("--fd_inference_steps", type=int, default=25)
-    ap.add_argument("--stage1_only", action="store_true", help="Only meta-train the rater.")
-    ap.add_argument("--runs_dir", default=os.path.join(HERE, "runs"))
-    ap.add_argument("--results_dir", default=os.path.join(HERE, "results"))
-    a = ap.parse_args()
-    os.makedirs(a.runs_dir, exist_ok=True)
-    os.makedirs(a.results_dir, exist_ok=True)
-    log = os.path.join(a.runs_dir, "benchmark.log")
-    unet_cfg_path = os.path.join(a.runs_dir, "unet_config.json")
-    with open(unet_cfg_path, "w") as f:
-        json.dump(UNET_CONFIG, f)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-    data = ["--dataset_name", "fashion_mnist", "--resolution", str(a.resolution), "--report_to", "none",
-            "--model_config_name_or_path", unet_cfg_path, "--train_batch_size", str(a.batch_size)]
-
-    import torch
-    from diffusers import UNet2DModel
-
-    cfg = {"data": f"fashion_mnist (training split minus 10% held out), {a.resolution}x{a.resolution}, 1 channel",
-           "unet_config": json.dumps(UNET_CONFIG),
-           "unet_params": sum(p.numel() for p in UNet2DModel(sample_size=a.resolution, in_channels=1, out_channels=1,
-                                                              **UNET_CONFIG).parameters()),
-           "steps": a.steps, "batch_size": a.batch_size, "learning_rate": a.learning_rate, "ddpm_num_steps": 1000,
-           "seeds": a.seeds, "methods": a.methods, "validation_steps": a.validation_steps,
-           "num_validation_triples": a.num_validation_triples, "fd_samples": a.fd_samples, "fd_real": a.fd_real,
-           "fd_inference_steps": a.fd_inference_steps, "meta_steps": a.meta_steps,
-           "command": "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-                      f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-           "date": time.strftime("%Y-%m-%d")}
-    with open(os.path.join(a.results_dir, "benchmark_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-
-    # ---- stage 1 --------------------------------------------------------------------------------
-    rater_dir = os.path.join(a.runs_dir, "rater")
-    rater_json = os.path.join(a.results_dir, "rater.json")
-    if not os.path.exists(rater_json):
-        print(f"[stage 1] meta-training the rater ({a.meta_steps} meta-steps)", flush=True)
-        t0 = time.time()
-        sh([*launch, "train_noiserater.py", *data, "--output_dir", rater_dir, "--max_train_steps", str(a.meta_steps),
-            "--population_size", "2", "--inner_steps", "2", "--inner_lr", "1e-3", "--inner_model_lifetime", "100",
-            "--compare_every", "5", "--checkpointing_steps", "25", "--seed", "0",
-            "--resume_from_checkpoint", "latest"], log)
-        info = json.load(open(os.path.join(rater_dir, "meta_summary.json")))
-        info["launcher_wall_time_s"] = time.time() - t0
-        with open(rater_json, "w") as f:
-            json.dump(info, f, indent=2)
-
-    if a.stage1_only:
-        return
-    # ---- stage 2 ---------------------------------------------------------------------------------
-    real, real_feats = None, {}
-    for seed in a.seeds:
-        for method in a.methods:
-            res_path = os.path.join(a.results_dir, f"run_{method}_seed{seed}.json")
-            if os.path.exists(res_path):
-                continue
-            out = os.path.join(a.runs_dir, f"{method}_seed{seed}")
-            flags = list(METHODS[method])
-            if method.startswith("nr_"):
-                flags += ["--rater_model_name_or_path", rater_dir]
-            print(f"[stage 2] {method} seed {seed}", flush=True)
-            t0 = time.time()
-            sh([*launch, "train_diffusion_hard.py", *data, "--output_dir", out, "--seed", str(seed),
-                "--max_train_steps", str(a.steps), "--learning_rate", str(a.learning_rate), "--lr_scheduler",
-                "constant_with_warmup", "--lr_warmup_steps", "50", "--validation_steps", str(a.validation_steps),
-                "--num_validation_triples", str(a.num_validation_triples), "--checkpointing_steps", str(a.steps // 2),
-                "--num_inference_steps", "10", "--resume_from_checkpoint", "latest", *flags], log)
-            launcher_s = time.time() - t0
-            if real is None:
-                real = real_images(a)
-            result = collect(out, method, seed, a, real, real_feats)
-            result["launcher_wall_time_s"] = launcher_s
-            with open(res_path + ".tmp", "w") as f:
-                json.dump(result, f, indent=2)
-            os.replace(res_path + ".tmp", res_path)
-            print(f"    final val loss {result['final']['val_loss']:.4f}, FD {result['fd']}", flush=True)
-    # what the rater prefers (uses the seed-0 uniform model for the per-sample loss when it exists)
-    analyze_rater(rater_dir, a, os.path.join(a.results_dir, "rater_analysis"))
+def launcher():
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def real_images(a):
-    import torch
-
-    from noise_rater.data import prepare_datasets
-
-    val = prepare_datasets("fashion_mnist", resolution=a.resolution, num_channels=1, seed=0).validation
-    n = min(a.fd_real, len(val))
-    return torch.stack([val[i]["pixel_values"] for i in range(n)])
+# ---- commands (pure) ---------------------------------------------------------------------------------------
 
 
-def collect(out, method, seed, a, real, real_feats):
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    from noise_rater.checkpointing import load_module_state
-    from noise_rater.evaluation import evaluate_pipeline
-
-    final = json.load(open(os.path.join(out, "final_metrics.json")))
-    val = read_jsonl(os.path.join(out, "validation.jsonl"))
-    curve = sorted(dict((r["step"], r["val_loss"]) for r in val).items())  # a resumed run may repeat a step
-    fd = {}
-    pipe = DDPMPipeline.from_pretrained(out)
-    mid = os.path.join(out, f"checkpoint-{a.steps // 2}")
-    points = []
-    if os.path.isdir(mid):
-        unet = UNet2DModel.from_config(pipe.unet.config)
-        load_module_state(unet, os.path.join(mid, "unet.safetensors"))
-        points.append((a.steps // 2, DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(pipe.scheduler.config))))
-    points.append((a.steps, pipe))
-    for step, p in points:
-        m = evaluate_pipeline(p, real, num_samples=a.fd_samples, num_inference_steps=a.fd_inference_steps,
-                              scheduler="ddim", seed=1234, fd_method="eigh", kid_subset_size=min(300, a.fd_samples),
-                              real_features=real_feats)
-        fd[str(step)] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-    return {"method": method, "seed": seed, "steps": a.steps, "val_curve": curve,
-            "final": {k[len("final_"):]: v for k, v in final.items() if k.startswith("final_val_loss")},
-            # selection + training compute over all steps (cumulative across resumes; excludes validation)
-            "fd": fd, "wall_time_train_s": final["select_time_s"] + final["train_time_s"],
-            "select_time_s": final.get("select_time_s"),
-            "train_time_s": final.get("train_time_s"), "skipped_steps": final.get("skipped_steps")}
+def stage1_command(p, scope, out_dir, unet_config_path):
+    """Stage-1 command (list) meta-training the rater of ``scope`` for protocol ``p``."""
+    s = p["stage1"]
+    return [*launcher(), "train_noiserater.py",
+            "--dataset_name", p["dataset_name"], "--resolution", str(p["resolution"]), "--report_to", "none",
+            "--model_config_name_or_path", unet_config_path, "--train_batch_size", str(s["train_batch_size"]),
+            "--output_dir", out_dir, "--seed", str(s["seed"]), "--max_train_steps", str(s["meta_steps"]),
+            "--population_size", str(s["population_size"]), "--inner_steps", str(s["inner_steps"]),
+            "--inner_lr", str(s["inner_lr"]), "--inner_model_lifetime", str(s["inner_model_lifetime"]),
+            "--compare_every", str(s["compare_every"]), "--checkpointing_steps", str(s["checkpointing_steps"]),
+            "--weighting_scope", scope, "--num_candidate_noises", str(p["num_candidate_noises"]),
+            "--resume_from_checkpoint", "latest"]
 
 
-def analyze_rater(rater_dir, a, prefix):
-    """Score vs timestep, noise norm, distance to x0 and the per-sample loss of a fresh-ish model."""
-    import math
+def stage2_command(p, method, seed, out_dir, unet_config_path, rater_dir=None):
+    """Stage-2 command (list). Seed and pool size are the same for every method of ``p`` (common random numbers)."""
+    if METHODS[method]["rater_scope"] is not None and rater_dir is None:
+        raise ValueError(f"method {method!r} needs a rater directory")
+    cmd = [*launcher(), "train_diffusion_hard.py",
+           "--dataset_name", p["dataset_name"], "--resolution", str(p["resolution"]), "--report_to", "none",
+           "--model_config_name_or_path", unet_config_path, "--train_batch_size", str(p["batch_size"]),
+           "--output_dir", out_dir, "--seed", str(seed), "--max_train_steps", str(p["steps"]),
+           "--learning_rate", str(p["learning_rate"]), "--lr_scheduler", "constant_with_warmup",
+           "--lr_warmup_steps", str(p["lr_warmup_steps"]), "--validation_steps", str(p["validation_steps"]),
+           "--num_validation_triples", str(p["num_validation_triples"]),
+           "--validation_seed", str(p["validation_seed"]), "--checkpointing_steps", str(p["checkpointing_steps"]),
+           "--num_inference_steps", "10", "--resume_from_checkpoint", "latest",
+           "--num_candidate_noises", str(p["num_candidate_noises"]), *METHODS[method]["flags"]]
+    if METHODS[method]["rater_scope"] is not None:
+        cmd += ["--rater_model_name_or_path", rater_dir]
+    return cmd
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import torch
-    from diffusers import DDPMScheduler
-    from scipy.stats import spearmanr
+def plan(p):
+    """Pending-or-not stage-2 jobs ``(seed, method)``, seed-major in the protocol's method order."""
+    seeds = sorted({s for m in p["methods"] for s in seeds_for(p, m)})
+    return [(s, m) for s in seeds for m in p["methods"] if s in seeds_for(p, m)]
 
-    from noise_rater import NoiseRaterModel
-    from noise_rater.data import prepare_datasets
 
-    rater = NoiseRaterModel.from_pretrained(rater_dir).eval()
-    val = prepare_datasets("fashion_mnist", resolution=a.resolution, num_channels=1, seed=0).validation
-    n = 2000
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.stack([val[i]["pixel_values"] for i in range(n)])
-    eps = torch.randn(x0.shape, generator=g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    with torch.no_grad():
-        s = rater(x0, eps, t).scores
-    d = x0[0].numel()
-    quantities = {
-        "timestep t": t.float(),
-        "||eps|| / sqrt(d)": eps.flatten(1).norm(dim=1) / math.sqrt(d),
-        "||eps - x0|| / sqrt(d)": (eps - x0).flatten(1).norm(dim=1) / math.sqrt(d),
-        "cos(eps, x0)": torch.nn.functional.cosine_similarity(eps.flatten(1), x0.flatten(1)),
+def protocol_signature(p):
+    """The protocol without the keys that only select runs: two result sets are comparable iff these agree."""
+    return {k: v for k, v in p.items() if k not in SELECTION_KEYS}
+
+
+# ---- small file helpers ------------------------------------------------------------------------------------
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def add_seconds(path, key, seconds):
+    """Accumulate launcher seconds under ``key`` in the JSON file ``path`` (work spread over pieces)."""
+    d = read_json(path) if os.path.exists(path) else {}
+    d[key] = d.get(key, 0.0) + seconds
+    write_json(path, d)
+    return d[key]
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------------
+
+
+class Benchmark:
+    """One protocol's runs. ``run_command`` is injectable (tests use a fake that writes the scripts' outputs)."""
+
+    def __init__(self, protocol, results_dir, runs_dir, raters_dir, *, run_command=run_command, deadline=None,
+                 clock=time.time, command_line="", evaluate_fd=None, log=print):
+        self.p = protocol
+        self.results_dir, self.runs_dir, self.raters_dir = results_dir, runs_dir, raters_dir
+        self.run_command, self.deadline, self.clock, self.log = run_command, deadline, clock, log
+        self.command_line = command_line
+        self.evaluate_fd = evaluate_fd if evaluate_fd is not None else self._evaluate_fd
+        self.stage1_runs = []  # scopes meta-trained by this invocation (for tests and the log)
+        self.log_path = os.path.join(runs_dir, "benchmark.log")
+        self.times_path = os.path.join(runs_dir, "launcher_seconds.json")
+
+    # -- paths
+    def result_path(self, method, seed):
+        return os.path.join(self.results_dir, f"run_{method}_seed{seed}.json")
+
+    def run_dir(self, method, seed):
+        return os.path.join(self.runs_dir, f"{method}_seed{seed}")
+
+    def rater_dir(self, scope):
+        return os.path.join(self.raters_dir, stage1_key(self.p, scope))
+
+    def pending(self):
+        return [(s, m) for s, m in plan(self.p) if not os.path.exists(self.result_path(m, s))]
+
+    # -- setup
+    def check_results_dir(self):
+        """Refuse to mix results of different protocols in one folder (names the first differing key)."""
+        path = os.path.join(self.results_dir, "protocol.json")
+        if not os.path.exists(path):
+            return
+        old = read_json(path).get("signature", {})
+        new = json.loads(json.dumps(protocol_signature(self.p)))
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                raise UsageError(f"{path}: results there were produced with a different protocol ({k}: "
+                                 f"{old.get(k)!r} there, {new.get(k)!r} now); use another --results_dir")
+
+    def write_setup(self):
+        from protocols import unet_num_parameters
+
+        self.unet_config_path = os.path.join(self.runs_dir, "unet_config.json")
+        self.stage1_unet_config_path = os.path.join(self.runs_dir, "stage1_unet_config.json")
+        write_json(self.unet_config_path, self.p["unet"])
+        write_json(self.stage1_unet_config_path, self.p["stage1_unet"])
+        info = {"protocol": self.p["name"], "signature": protocol_signature(self.p), "resolved": self.p,
+                "unet_params": unet_num_parameters(self.p["unet"], self.p["resolution"], self.p["num_channels"]),
+                "stage1_unet_params": unet_num_parameters(self.p["stage1_unet"], self.p["resolution"],
+                                                          self.p["num_channels"]),
+                "fd_off_protocol": fd_off_protocol(self.p),
+                "stage1_seed_note": STAGE1_SEED_NOTE.format(seed=self.p["stage1"]["seed"]),
+                "command": self.command_line, "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
+        path = os.path.join(self.results_dir, "protocol.json")
+        if os.path.exists(path):  # keep the first machine/date; record every command used
+            old = read_json(path)
+            info["commands"] = sorted(set(old.get("commands", [old.get("command")])) | {self.command_line})
+            info["machine"], info["date"] = old.get("machine", info["machine"]), old.get("date", info["date"])
+        else:
+            info["commands"] = [self.command_line]
+        write_json(path, info)
+        self.info = info
+
+    # -- budget
+    def remaining_s(self):
+        return float("inf") if self.deadline is None else self.deadline - self.clock()
+
+    def estimate_s(self, method, seed):
+        """Seconds still needed by a stage-2 job: finished runs of the same method (else of any method), scaled
+        by the fraction of steps its last checkpoint has not done yet. None without any finished run."""
+        times = {}
+        for s2, m2 in plan(self.p):
+            path = self.result_path(m2, s2)
+            if os.path.exists(path):
+                r = read_json(path)
+                times.setdefault(m2, []).append(r.get("launcher_s", 0.0) + r.get("eval_s", 0.0))
+        pool = times.get(method) or [t for ts in times.values() for t in ts]
+        if not pool:
+            return None
+        return max(pool) * (1.0 - self.done_fraction(self.run_dir(method, seed)))
+
+    def done_fraction(self, out):
+        from noise_rater.checkpointing import checkpoint_step, resolve_checkpoint
+
+        if os.path.exists(os.path.join(out, "final_metrics.json")):
+            return 1.0
+        try:
+            ckpt = resolve_checkpoint(out, "latest", check_hashes=False) if os.path.isdir(out) else None
+        except Exception:  # an unreadable checkpoint: the script decides what to do with it
+            ckpt = None
+        return min(1.0, checkpoint_step(ckpt) / self.p["steps"]) if ckpt else 0.0
+
+    def launch(self, cmd, what, estimate_s=None):
+        """Run ``cmd`` within the budget; returns launcher seconds. Raises BudgetExhausted when it cannot."""
+        self._spent = 0.0
+        left = self.remaining_s() - BUDGET_MARGIN_S
+        if left <= 0 or (estimate_s is not None and estimate_s > left):
+            raise BudgetExhausted(f"{what} needs ~{estimate_s or 0:.0f} s, {max(left, 0):.0f} s left")
+        t0 = self.clock()
+        try:
+            rc = self.run_command(cmd, self.log_path, None if self.deadline is None else left)
+        except subprocess.TimeoutExpired:
+            raise BudgetExhausted(f"{what} stopped at the deadline (resumes from its last checkpoint)") from None
+        finally:
+            self._spent = self.clock() - t0
+        if rc != 0:
+            raise RuntimeError(f"{what} failed (exit {rc}); see {self.log_path}:\n{' '.join(cmd)}")
+        return self._spent
+
+    # -- stage 1
+    def ensure_rater(self, scope):
+        """The rater directory for ``scope``, meta-training it first if the cache lacks it."""
+        out = self.rater_dir(scope)
+        done = os.path.exists(os.path.join(out, "meta_summary.json"))
+        if not done:
+            self.log(f"[stage 1] {self.p['name']}: rater, scope {scope} -> {out}")
+            os.makedirs(out, exist_ok=True)
+            try:
+                self.launch(stage1_command(self.p, scope, out, self.stage1_unet_config_path), f"stage 1 ({scope})")
+            finally:
+                add_seconds(os.path.join(out, "runner_seconds.json"), "launcher_s", getattr(self, "_spent", 0.0))
+            self.stage1_runs.append(scope)
+            if not os.path.exists(os.path.join(out, "meta_summary.json")):
+                raise RuntimeError(f"stage 1 finished but wrote no {out}/meta_summary.json")
+        summary = read_json(os.path.join(out, "meta_summary.json"))
+        for fig in ("rater_analysis.png", "meta_evidence.png"):  # the stage-1 script's own figures, for the report
+            if os.path.exists(os.path.join(out, fig)):
+                shutil.copyfile(os.path.join(out, fig), os.path.join(self.results_dir, f"rater_{scope}_{fig}"))
+        secs = read_json(os.path.join(out, "runner_seconds.json")) if os.path.exists(
+            os.path.join(out, "runner_seconds.json")) else {}
+        write_json(os.path.join(self.results_dir, f"rater_{scope}.json"), {
+            "scope": scope, "key": stage1_key(self.p, scope), "stage1": self.p["stage1"],
+            "stage1_unet": self.p["stage1_unet"], "stage1_unet_params": self.info["stage1_unet_params"],
+            "meta_summary": summary, "launcher_s": secs.get("launcher_s"),
+            # cost charged to the method: the larger of the script's own clock and the launcher's (all pieces)
+            "cost_s": max(v for v in (summary.get("wall_time_s"), secs.get("launcher_s")) if v is not None)
+            if (summary.get("wall_time_s") is not None or secs.get("launcher_s") is not None) else None})
+        return out
+
+    # -- stage 2
+    def run_one(self, method, seed):
+        scope = METHODS[method]["rater_scope"]
+        rater = self.ensure_rater(scope) if scope else None
+        out = self.run_dir(method, seed)
+        final_path = os.path.join(out, "final_metrics.json")
+        if not os.path.exists(final_path):
+            self.log(f"[stage 2] {self.p['name']}: {method} seed {seed}")
+            cmd = stage2_command(self.p, method, seed, out, self.unet_config_path, rater)
+            try:
+                self.launch(cmd, f"{method} seed {seed}", self.estimate_s(method, seed))
+            finally:
+                add_seconds(self.times_path, f"{method}_seed{seed}", getattr(self, "_spent", 0.0))
+                self._spent = 0.0
+        final = read_json(final_path)
+        if final.get("steps") != self.p["steps"]:
+            raise RuntimeError(f"{final_path}: {final.get('steps')} steps, the protocol asks {self.p['steps']}; "
+                               f"remove {out} to rerun it")
+        t0 = self.clock()
+        fd = self.evaluate_fd(method, seed, out) if self.p.get("fd") else None
+        eval_s = self.clock() - t0
+        result = collect(self.p, method, seed, out, fd)
+        times = read_json(self.times_path) if os.path.exists(self.times_path) else {}
+        result["launcher_s"] = times.get(f"{method}_seed{seed}", 0.0)
+        result["eval_s"] = eval_s
+        if scope:
+            result["rater"] = {"scope": scope, "key": stage1_key(self.p, scope)}
+        write_json(self.result_path(method, seed), result)
+        self.log(f"    {method} seed {seed}: final val loss {result['final']['val_loss']:.5f}"
+                 + (f", FD {result['fd'][str(self.p['steps'])]['fd_efflite0']:.2f}" if result.get("fd") else ""))
+        return result
+
+    def run(self):
+        """Run every pending job within the budget. Returns the list of jobs still pending."""
+        self.check_results_dir()
+        for d in (self.results_dir, self.runs_dir, self.raters_dir):
+            os.makedirs(d, exist_ok=True)
+        self.write_setup()
+        try:
+            for seed, method in self.pending():
+                self.run_one(method, seed)
+        except BudgetExhausted as e:
+            self.log(f"budget: {e}; stopping. Run the same command again to continue.")
+        left = self.pending()
+        self.log(f"{self.p['name']}: {len(plan(self.p)) - len(left)} of {len(plan(self.p))} runs done")
+        return left
+
+    # -- FD
+    def _evaluate_fd(self, method, seed, out):
+        """FD-EffLite0 / KID at the protocol's fractions of training (uses noise_rater.evaluation)."""
+        import torch
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+        from noise_rater.checkpointing import load_module_state
+        from noise_rater.evaluation import evaluate_pipeline
+
+        fd = self.p["fd"]
+        ref, _ = self.fd_reference()
+        pipe = DDPMPipeline.from_pretrained(out)
+        res = {}
+        for frac in fd["at_fractions"]:
+            step = fd_step(self.p, frac)
+            if step == self.p["steps"]:
+                p = pipe
+            else:
+                ckpt = os.path.join(out, f"checkpoint-{step}", "unet.safetensors")
+                if not os.path.exists(ckpt):
+                    raise RuntimeError(f"{ckpt} is missing: FD at step {step} needs that checkpoint")
+                unet = UNet2DModel.from_config(pipe.unet.config)
+                load_module_state(unet, ckpt)
+                p = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+            m = evaluate_pipeline(p, ref["images"], num_samples=fd["num_generated"],
+                                  num_inference_steps=fd["num_inference_steps"], scheduler=fd["scheduler"],
+                                  seed=fd["sample_seed"], fd_method="eigh", batch_size=fd.get("batch_size", 64),
+                                  kid_subset_size=min(1000, fd["num_generated"], fd["num_real"]),
+                                  real_features={"efflite0": ref["features"]})
+            res[str(step)] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+            del p
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        return res
+
+    def fd_reference(self):
+        """(reference {images, features}, floor dict): real images no run trained on, split into two disjoint
+        halves A (the reference of every FD) and B; the floor FD(A, B) is written once to fd_floor.json."""
+        if getattr(self, "_fd_ref", None) is not None:
+            return self._fd_ref
+        import numpy as np
+        import torch
+
+        from noise_rater.evaluation import (EfficientNetLite0Features, compute_features, feature_statistics,
+                                            frechet_distance)
+
+        fd = self.p["fd"]
+        images, source = real_images_for_fd(self.p)
+        n = fd["num_real"]
+        if images.shape[0] < 2 * n:
+            raise RuntimeError(f"FD needs 2 x {n} real images (reference + floor half); {source} has "
+                               f"{images.shape[0]}")
+        a, b = images[:n], images[n:2 * n]
+        cache = os.path.join(self.runs_dir, f"real_features_efflite0_{n}.npz")
+        if os.path.exists(cache):
+            z = np.load(cache)
+            fa, fb = z["a"], z["b"]
+        else:
+            ext = EfficientNetLite0Features().to("cuda" if torch.cuda.is_available() else "cpu")
+            fa, fb = compute_features(ext, a), compute_features(ext, b)
+            np.savez(cache + ".tmp.npz", a=fa, b=fb)
+            os.replace(cache + ".tmp.npz", cache)
+        floor_path = os.path.join(self.results_dir, "fd_floor.json")
+        floor = {"source": source, "num_real_reference": n, "num_generated": fd["num_generated"],
+                 "fd_real_vs_real_halves": frechet_distance(*feature_statistics(fa), *feature_statistics(fb),
+                                                            method="eigh"),
+                 "fd_real_vs_real_at_generated_count": frechet_distance(
+                     *feature_statistics(fa), *feature_statistics(fb[:fd["num_generated"]]), method="eigh")}
+        write_json(floor_path, floor)
+        self._fd_ref = ({"images": a, "features": fa}, floor)
+        return self._fd_ref
+
+
+# ---- collection (pure apart from reading the run's files) ---------------------------------------------------
+
+
+def collect(p, method, seed, out, fd):
+    """The result record of one finished stage-2 run (everything the report needs, and nothing measured twice)."""
+    final = read_json(os.path.join(out, "final_metrics.json"))
+    rows = read_jsonl(os.path.join(out, "validation.jsonl"))
+    curve = sorted(dict((int(r["step"]), float(r["val_loss"])) for r in rows if "val_loss" in r).items())
+    return {
+        "protocol": p["name"], "method": method, "seed": seed, "dataset": p["dataset_name"],
+        "resolution": p["resolution"], "steps": p["steps"], "num_candidate_noises": p["num_candidate_noises"],
+        "val_curve": [list(c) for c in curve],
+        "final": {k[len("final_"):]: v for k, v in final.items() if k.startswith("final_val_loss")},
+        "s_per_step": final.get("s_per_step"), "select_time_s": final.get("select_time_s"),
+        "train_time_s": final.get("train_time_s"), "wall_time_s": final.get("wall_time_s"),
+        "skipped_steps": final.get("skipped_steps"), "fd": fd,
     }
-    uni = os.path.join(a.runs_dir, "uniform_seed0")
-    if os.path.exists(os.path.join(uni, "model_index.json")):
-        from diffusers import UNet2DModel
 
-        unet = UNet2DModel.from_pretrained(uni, subfolder="unet").eval()
-        sched = DDPMScheduler.from_pretrained(uni, subfolder="scheduler")
-        from noise_rater.diffusion import per_sample_diffusion_loss
 
-        with torch.no_grad():
-            quantities["per-sample loss (uniform model)"] = torch.cat([
-                per_sample_diffusion_loss(unet, sched, x0[i:i + 500], eps[i:i + 500], t[i:i + 500])
-                for i in range(0, n, 500)])
-    fig, axes = plt.subplots(1, len(quantities), figsize=(4 * len(quantities), 3.4))
-    rho = {}
-    for ax, (name, q) in zip(np.atleast_1d(axes), quantities.items()):
-        ax.scatter(q.numpy(), s.numpy(), s=3, alpha=0.4)
-        ax.set_xlabel(name); ax.set_ylabel("rater score")
-        rho[name] = float(spearmanr(q.numpy(), s.numpy()).correlation)
-    fig.tight_layout(); fig.savefig(prefix + ".png", dpi=100); plt.close(fig)
-    with open(prefix + ".json", "w") as f:
-        json.dump({"n": n, "spearman": rho}, f, indent=2)
+def real_images_for_fd(p):
+    """Real images no stage-2 run trains on, `(M, C, H, W)` in [-1, 1], and a description of their source.
+
+    Fashion-MNIST: its *test* split (10,000 images; training uses only the training split). Other data:
+    not supported (the held-out split changes with the seed), so the protocol must not ask for FD."""
+    import torch
+
+    if p["dataset_name"] not in ("fashion_mnist", "fashion-mnist"):
+        raise RuntimeError(f"FD reference for {p['dataset_name']!r}: only fashion_mnist has a split that no run "
+                           "trains on (its test split); set the protocol's fd to null")
+    from noise_rater.data import fashion_mnist_dir
+
+    path = os.path.join(fashion_mnist_dir(), "t10k-images-idx3-ubyte.gz")
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} not found (apt-get install dataset-fashion-mnist)")
+    x = torch.from_numpy(read_idx_images(path)).float()[:, None]
+    r = p["resolution"]
+    if x.shape[-1] != r:  # as noise_rater.data: bilinear, antialiased when downsampling, rounded to uint8
+        x = torch.nn.functional.interpolate(x, size=(r, r), mode="bilinear", align_corners=False,
+                                            antialias=r < x.shape[-1]).round().clamp(0, 255)
+    if p["num_channels"] == 3:
+        x = x.repeat(1, 3, 1, 1)
+    return x / 127.5 - 1.0, f"fashion_mnist test split ({path}), {r}x{r}"
+
+
+def read_idx_images(path):
+    """uint8 `(N, H, W)` from a gzipped IDX image file (magic 0x00000803, big-endian sizes)."""
+    import numpy as np
+
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if int.from_bytes(data[:4], "big") != 0x803:
+        raise RuntimeError(f"{path} is not an IDX image file")
+    n, h, w = (int.from_bytes(data[4 * k:4 * k + 4], "big") for k in (1, 2, 3))
+    if len(data) != 16 + n * h * w:
+        raise RuntimeError(f"{path} is truncated: {len(data)} bytes for {n}x{h}x{w}")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w).copy()
+
+
+def machine_description():
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+
+
+def parse_method_seeds(items):
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--method_seeds {item!r}: expected METHOD=SEED,SEED,...")
+        m, seeds = item.split("=", 1)
+        if m not in METHODS:
+            raise UsageError(f"--method_seeds {item!r}: unknown method {m!r}")
+        try:
+            out[m] = [int(s) for s in seeds.split(",") if s]
+        except ValueError:
+            raise UsageError(f"--method_seeds {item!r}: seeds must be integers") from None
+    return out
+
+
+def build_protocol(a):
+    """The protocol named by ``a.protocol`` with the command line's overrides."""
+    base = PROTOCOLS[a.protocol]
+    o = {}
+    if a.methods:
+        o["methods"] = a.methods
+    if a.seeds is not None:
+        o["seeds"] = a.seeds
+    if a.method_seeds:
+        o["method_seeds"] = {**base.get("method_seeds", {}), **parse_method_seeds(a.method_seeds)}
+    for key in ("steps", "batch_size", "validation_steps", "num_validation_triples", "checkpointing_steps"):
+        if getattr(a, key) is not None:
+            o[key] = getattr(a, key)
+    if a.meta_steps is not None:
+        o["stage1"] = {**base["stage1"], "meta_steps": a.meta_steps}
+    if a.no_fd:
+        o["fd"] = None
+        o["fd_note"] = "FD disabled on the command line (--no_fd)."
+    elif base.get("fd") and (a.fd_generated or a.fd_real or a.fd_inference_steps):
+        o["fd"] = {**base["fd"], **{k: v for k, v in (("num_generated", a.fd_generated), ("num_real", a.fd_real),
+                                                      ("num_inference_steps", a.fd_inference_steps)) if v}}
+    try:
+        return get_protocol(a.protocol, o)
+    except ProtocolError as e:
+        raise UsageError(str(e)) from None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocol", required=True, choices=list(PROTOCOLS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="A subset of the protocol's methods.")
+    ap.add_argument("--seeds", type=int, nargs="+", help="Replace the protocol's seeds (method_seeds stay a subset).")
+    ap.add_argument("--method_seeds", nargs="+", metavar="METHOD=S1,S2", help="Seeds of one method, e.g. oracle=0,1.")
+    ap.add_argument("--max_hours", type=float, default=None,
+                    help="Stop cleanly before this many hours (a job that would not fit is not started).")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch_size", type=int)
+    ap.add_argument("--validation_steps", type=int)
+    ap.add_argument("--num_validation_triples", type=int)
+    ap.add_argument("--checkpointing_steps", type=int)
+    ap.add_argument("--meta_steps", type=int)
+    ap.add_argument("--fd_generated", type=int)
+    ap.add_argument("--fd_real", type=int)
+    ap.add_argument("--fd_inference_steps", type=int)
+    ap.add_argument("--no_fd", action="store_true")
+    ap.add_argument("--results_dir", help="Default benchmarks/results/<protocol>.")
+    ap.add_argument("--runs_dir", help="Default benchmarks/runs/<name of the results dir>.")
+    ap.add_argument("--raters_dir", default=os.path.join(HERE, "runs", "raters"), help="Stage-1 rater cache.")
+    ap.add_argument("--dry_run", action="store_true", help="Print the resolved protocol and the pending jobs.")
+    a = ap.parse_args(argv)
+    try:
+        if a.max_hours is not None and a.max_hours <= 0:
+            raise UsageError(f"--max_hours must be > 0, got {a.max_hours}")
+        p = build_protocol(a)
+        results_dir = os.path.abspath(a.results_dir or os.path.join(HERE, "results", a.protocol))
+        runs_dir = os.path.abspath(a.runs_dir or os.path.join(HERE, "runs", os.path.basename(results_dir)))
+        deadline = time.time() + 3600 * a.max_hours if a.max_hours else None
+        bench = Benchmark(p, results_dir, runs_dir, os.path.abspath(a.raters_dir), deadline=deadline,
+                          command_line="python benchmarks/run_benchmark.py " + " ".join(
+                              sys.argv[1:] if argv is None else argv))
+        if a.dry_run:
+            bench.check_results_dir()
+            print(json.dumps({"protocol": p, "results_dir": results_dir, "runs_dir": runs_dir,
+                              "pending": bench.pending(),
+                              "stage1_needed": sorted({METHODS[m]["rater_scope"] for _, m in bench.pending()
+                                                       if METHODS[m]["rater_scope"]})}, indent=2))
+            return 0
+        left = bench.run()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a training run failed or left unusable outputs: the message names the log / file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if left:
+        print(f"{len(left)} runs pending; run the same command again to continue.")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

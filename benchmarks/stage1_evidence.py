@@ -4,7 +4,11 @@ steps, compared with uniform weights on the *same* batches? Reads the ``meta_met
 ``train_noiserater.py`` runs (rows with ``val_loss_uniform`` are the paired comparisons) and writes
 ``benchmarks/results/stage1_evidence.{json,png}``.
 
-    python benchmarks/stage1_evidence.py fashion_mnist=benchmarks/runs/rater digits=demo_output/rater
+    python benchmarks/stage1_evidence.py digits_cand=benchmarks/runs/raters/<key> digits=demo_output/rater
+
+(the benchmark's raters live in ``benchmarks/runs/raters/<key>/``, the key is in
+``benchmarks/results/<protocol>/rater_<scope>.json``; the previous protocol's evidence is in
+``benchmarks/results/legacy/``).
 """
 
 import json

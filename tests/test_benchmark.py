@@ -1,0 +1,475 @@
+"""Tests of the benchmark machinery (benchmarks/): runner logic with a fake command runner, the power-budget
+statistics against scipy / closed forms / simulation, and report generation from synthetic result folders.
+
+Nothing here trains a model: the fake command runner writes the files the two training scripts would write.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+
+import power  # noqa: E402
+import protocols  # noqa: E402
+import report  # noqa: E402
+import run_benchmark as rb  # noqa: E402
+
+
+# ---- a fake command runner ---------------------------------------------------------------------------------
+
+
+def _flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+class FakeRunner:
+    """Stands in for ``run_command``: records each command and writes what the script would have written."""
+
+    def __init__(self, val_loss=lambda method, seed: 0.05):
+        self.commands = []
+        self.val_loss = val_loss
+
+    def stage1(self):
+        return [c for c in self.commands if "train_noiserater.py" in c]
+
+    def stage2(self):
+        return [c for c in self.commands if "train_diffusion_hard.py" in c]
+
+    def __call__(self, cmd, log_path, timeout_s=None):
+        self.commands.append(list(cmd))
+        out = _flag(cmd, "--output_dir")
+        os.makedirs(out, exist_ok=True)
+        if "train_noiserater.py" in cmd:
+            with open(os.path.join(out, "meta_summary.json"), "w") as f:
+                json.dump({"wall_time_s": 100.0, "step": int(_flag(cmd, "--max_train_steps"))}, f)
+            with open(os.path.join(out, "rater_analysis.png"), "wb") as f:
+                f.write(b"png")
+            return 0
+        steps, every = int(_flag(cmd, "--max_train_steps")), int(_flag(cmd, "--validation_steps"))
+        seed = int(_flag(cmd, "--seed"))
+        sel = _flag(cmd, "--noise_selection")
+        v = self.val_loss(sel, seed)
+        with open(os.path.join(out, "validation.jsonl"), "w") as f:
+            for s in range(every, steps + 1, every):
+                f.write(json.dumps({"step": s, "val_loss": v * (1 + (steps - s) / steps)}) + "\n")
+        with open(os.path.join(out, "final_metrics.json"), "w") as f:
+            json.dump({"final_val_loss": v, "final_val_loss_band_0": 2 * v, "steps": steps, "s_per_step": 0.1,
+                       "select_time_s": 0.0, "train_time_s": 0.1 * steps, "wall_time_s": 0.2 * steps}, f)
+        return 0
+
+
+def _bench(tmp_path, name="digits8", runner=None, **overrides):
+    o = {"steps": 20, "validation_steps": 10, "checkpointing_steps": 10, "seeds": [0], **overrides}
+    p = protocols.get_protocol(name, o)
+    b = rb.Benchmark(p, str(tmp_path / "results" / name), str(tmp_path / "runs" / name), str(tmp_path / "raters"),
+                     run_command=runner or FakeRunner(), command_line=f"test {name}", log=lambda *a: None)
+    return b
+
+
+# ---- runner ------------------------------------------------------------------------------------------------
+
+
+def test_uniform_only_never_runs_stage1(tmp_path):
+    runner = FakeRunner()
+    b = _bench(tmp_path, runner=runner, methods=["uniform", "min_snr", "knn", "assignment"], seeds=[0, 1])
+    assert b.run() == []
+    assert runner.stage1() == []
+    assert len(runner.stage2()) == 8
+    assert os.listdir(tmp_path / "raters") == []
+    assert not [f for f in os.listdir(b.results_dir) if f.startswith("rater_")]
+    r = json.load(open(b.result_path("uniform", 1)))
+    assert r["final"]["val_loss"] == 0.05 and r["val_curve"][-1] == [20, 0.05] and r["seed"] == 1
+
+
+def test_finished_runs_are_skipped_and_resume_needs_no_retraining(tmp_path):
+    runner = FakeRunner()
+    b = _bench(tmp_path, runner=runner, methods=["uniform", "knn"])
+    b.run()
+    assert len(runner.stage2()) == 2
+    runner2 = FakeRunner()
+    b2 = _bench(tmp_path, runner=runner2, methods=["uniform", "knn"])
+    assert b2.run() == [] and runner2.commands == []
+    # training finished but the result file was lost (e.g. killed during FD): collected again, not retrained
+    os.remove(b.result_path("knn", 0))
+    b3 = _bench(tmp_path, runner=runner2, methods=["uniform", "knn"])
+    assert b3.run() == [] and runner2.commands == []
+    assert os.path.exists(b.result_path("knn", 0))
+
+
+def test_same_seed_and_pool_for_all_methods_and_rater_cached(tmp_path):
+    runner = FakeRunner()
+    b = _bench(tmp_path, runner=runner, methods=list(protocols.METHODS), seeds=[0, 1, 2],
+               method_seeds={"oracle": [0, 2]})
+    assert b.run() == []
+    s2 = runner.stage2()
+    assert len(s2) == 7 * 3 + 2
+    for seed in (0, 1, 2):
+        cmds = [c for c in s2 if _flag(c, "--seed") == str(seed)]
+        assert {_flag(c, "--num_candidate_noises") for c in cmds} == {"8"}
+        assert len({_flag(c, "--output_dir") for c in cmds}) == len(cmds)
+        assert len(cmds) == (8 if seed in (0, 2) else 7)
+    assert {_flag(c, "--noise_selection") for c in s2} == {"uniform", "knn", "assignment", "rater", "oracle"}
+    # one stage-1 run per scope, reused by every seed and method
+    scopes = sorted(_flag(c, "--weighting_scope") for c in runner.stage1())
+    assert scopes == ["batch", "candidates"]
+    for c in runner.stage1():
+        assert _flag(c, "--num_candidate_noises") == "8"
+    rater_dirs = {_flag(c, "--rater_model_name_or_path") for c in s2 if "--rater_model_name_or_path" in c}
+    assert rater_dirs == {b.rater_dir("batch"), b.rater_dir("candidates")}
+    for scope in ("batch", "candidates"):
+        r = json.load(open(os.path.join(b.results_dir, f"rater_{scope}.json")))
+        assert r["cost_s"] >= 100.0 and r["scope"] == scope
+        assert os.path.exists(os.path.join(b.results_dir, f"rater_{scope}_rater_analysis.png"))
+    # the transfer protocol's stage 1 has the same inner UNet and settings: the cached raters are reused
+    runner2 = FakeRunner()
+    t = _bench(tmp_path, name="transfer", runner=runner2, methods=["uniform", "rater_cand"])
+    assert t.run() == []
+    assert runner2.stage1() == [] and len(runner2.stage2()) == 2
+    assert _flag(runner2.stage2()[1], "--rater_model_name_or_path") == b.rater_dir("candidates")
+
+
+def test_stage1_flags_and_seed_plan():
+    p = protocols.get_protocol("digits8")
+    cmd = rb.stage1_command(p, "batch", "/r", "/u.json")
+    assert _flag(cmd, "--weighting_scope") == "batch" and _flag(cmd, "--seed") == str(p["stage1"]["seed"])
+    assert p["stage1"]["seed"] not in p["seeds"]
+    assert protocols.seeds_for(p, "oracle") == [0, 1, 2] and protocols.seeds_for(p, "uniform") == list(range(10))
+    q = protocols.get_protocol("digits8", {"seeds": [1, 5]})
+    assert protocols.seeds_for(q, "oracle") == [1]
+    assert rb.plan(q)[:3] == [(1, "uniform"), (1, "min_snr"), (1, "knn")]
+    with pytest.raises(ValueError):
+        rb.stage2_command(p, "rater_cand", 0, "/o", "/u.json", None)
+    assert protocols.stage1_key(p, "batch") != protocols.stage1_key(p, "candidates")
+    assert protocols.stage1_key(p, "batch") == protocols.stage1_key(protocols.get_protocol("transfer"), "batch")
+
+
+def test_protocol_checks():
+    with pytest.raises(protocols.ProtocolError, match="validation_steps"):
+        protocols.get_protocol("digits8", {"steps": 2005})
+    with pytest.raises(protocols.ProtocolError, match="unknown method"):
+        protocols.get_protocol("digits8", {"methods": ["nope"]})
+    with pytest.raises(protocols.ProtocolError, match="checkpointing_steps"):
+        protocols.get_protocol("fmnist16", {"checkpointing_steps": 1000})  # FD at step 1500
+    assert protocols.fd_off_protocol(protocols.get_protocol("fmnist16")) is None
+    small = protocols.get_protocol("fmnist16", {"fd": {**protocols.PROTOCOLS["fmnist16"]["fd"], "num_generated": 64}})
+    assert "64 generated" in protocols.fd_off_protocol(small)
+    fd = protocols.PROTOCOLS["fmnist16"]["fd"]
+    assert fd["num_generated"] >= 2000 and fd["num_real"] >= 5000
+
+
+def test_transfer_stage2_unet_is_at_least_4x_the_inner_unet():
+    p = protocols.PROTOCOLS["transfer"]
+    big = protocols.unet_num_parameters(p["unet"], p["resolution"], p["num_channels"])
+    small = protocols.unet_num_parameters(p["stage1_unet"], p["resolution"], p["num_channels"])
+    assert big >= 4 * small
+
+
+def test_results_of_another_protocol_are_refused(tmp_path):
+    b = _bench(tmp_path, methods=["uniform"])
+    b.run()
+    b2 = _bench(tmp_path, methods=["uniform"], steps=30)
+    with pytest.raises(rb.UsageError, match="steps"):
+        b2.run()
+    # selecting other seeds / methods is the same protocol
+    assert _bench(tmp_path, methods=["uniform", "knn"], seeds=[0, 1]).run() == []
+
+
+def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
+    rd = str(tmp_path / "res")
+    assert rb.main(["--protocol", "digits8", "--methods", "uniform", "--seeds", "0", "--results_dir", rd,
+                    "--dry_run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stage1_needed"] == [] and out["pending"] == [[0, "uniform"]]
+    assert not os.path.exists(rd)  # a dry run writes nothing
+    assert rb.main(["--protocol", "digits8", "--steps", "2005", "--dry_run", "--results_dir", rd]) == 2
+    assert "error: protocol 'digits8'" in capsys.readouterr().err
+    assert rb.main(["--protocol", "digits8", "--method_seeds", "oracle", "--dry_run", "--results_dir", rd]) == 2
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_budget_stops_before_a_job_that_does_not_fit(tmp_path):
+    clock = Clock()
+
+    class TimedRunner(FakeRunner):
+        def __call__(self, cmd, log_path, timeout_s=None):
+            clock.t += 1000.0  # every run takes 1000 s
+            return super().__call__(cmd, log_path, timeout_s)
+
+    runner = TimedRunner()
+    p = protocols.get_protocol("digits8", {"steps": 20, "validation_steps": 10, "checkpointing_steps": 10,
+                                           "seeds": [0, 1], "methods": ["uniform", "knn"]})
+    b = rb.Benchmark(p, str(tmp_path / "res"), str(tmp_path / "runs"), str(tmp_path / "raters"), run_command=runner,
+                     deadline=2500.0, clock=clock, log=lambda *a: None)
+    left = b.run()
+    # two runs (2000 s) done; the third is estimated at 1000 s with < 1000 s left: not started
+    assert len(runner.stage2()) == 2 and left == [(1, "uniform"), (1, "knn")]
+    assert clock.t == 2000.0
+
+
+def test_budget_deadline_stops_a_running_job(tmp_path):
+    class SlowRunner(FakeRunner):
+        def __call__(self, cmd, log_path, timeout_s=None):
+            self.commands.append(cmd)
+            self.timeouts = getattr(self, "timeouts", []) + [timeout_s]
+            raise subprocess.TimeoutExpired(cmd, timeout_s)
+
+    runner = SlowRunner()
+    clock = Clock()
+    p = protocols.get_protocol("digits8", {"steps": 20, "validation_steps": 10, "checkpointing_steps": 10,
+                                           "seeds": [0], "methods": ["uniform"]})
+    b = rb.Benchmark(p, str(tmp_path / "res"), str(tmp_path / "runs"), str(tmp_path / "raters"), run_command=runner,
+                     deadline=600.0, clock=clock, log=lambda *a: None)
+    assert b.run() == [(0, "uniform")]
+    assert runner.timeouts == [600.0 - rb.BUDGET_MARGIN_S]
+
+
+def test_run_command_kills_the_process_group_on_timeout(tmp_path):
+    log = str(tmp_path / "log.txt")
+    with pytest.raises(subprocess.TimeoutExpired):
+        rb.run_command([sys.executable, "-c", "import time; print('hi', flush=True); time.sleep(60)"], log, 1.0)
+    assert rb.run_command([sys.executable, "-c", "raise SystemExit(3)"], log) == 3
+    assert "hi" in open(log).read()
+
+
+# ---- power budget ------------------------------------------------------------------------------------------
+
+
+def test_t_quantile_closed_forms():
+    for p in (0.8, 0.975):
+        assert power.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+        assert power.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+
+
+def test_mean_ci_matches_scipy_ttest_interval():
+    x = [1.3, -0.2, 0.7, 2.1, 0.4, -1.0]
+    m, hw, n = power.mean_ci(x)
+    ci = stats.ttest_1samp(x, 0.0).confidence_interval(0.95)
+    assert n == 6 and m == pytest.approx(np.mean(x))
+    assert (m - hw, m + hw) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert math.isnan(power.mean_ci([1.0])[1]) and power.mean_ci([None, float("nan")])[2] == 0
+
+
+def test_paired_relative_differences_by_hand():
+    d = power.paired_relative_differences({0: 0.98, 1: 1.05, 2: 0.5, 3: None}, {0: 1.0, 1: 1.0, 3: 1.0, 4: 2.0})
+    assert d == pytest.approx({0: -2.0, 1: 5.0})
+
+
+def test_seeds_needed_is_the_smallest_n_meeting_the_budget():
+    for sd, budget in ((3.0, 2.0), (1.0, 2.0), (10.0, 5.0), (0.5, 0.1)):
+        n = power.seeds_needed(sd, budget)
+        hw = lambda k: stats.t.interval(0.95, k - 1)[1] * sd / math.sqrt(k)  # noqa: E731
+        assert hw(n) <= budget and (n == 2 or hw(n - 1) > budget)
+    assert power.seeds_needed(1.0, 1e-6, n_max=100) is None and power.seeds_needed(float("nan"), 2) is None
+
+
+def test_minimal_detectable_effect_closed_form_and_simulated_power():
+    # large n: (z_0.975 + z_0.80) * SE = 2.80 * SE
+    n, sd = 10 ** 6, 3.0
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+    assert power.minimal_detectable_effect(sd, n) / (sd / math.sqrt(n)) == pytest.approx(z, rel=1e-4)
+    assert z == pytest.approx(2.8016, abs=1e-4)
+    # the exact power at the MDE (noncentral t) is close to 80 %, and a simulation of paired t-tests agrees
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 8):
+        mde = power.minimal_detectable_effect(1.0, n)
+        exact = power.paired_t_power(mde, 1.0, n)
+        assert 0.76 < exact < 0.81
+        x = rng.normal(mde, 1.0, (20000, n))
+        t = x.mean(1) / (x.std(1, ddof=1) / math.sqrt(n))
+        simulated = np.mean(np.abs(t) > stats.t.ppf(0.975, n - 1))
+        assert simulated == pytest.approx(exact, abs=0.01)
+
+
+def test_power_rows_from_records():
+    def rec(v, fd=None):
+        return {"final": {"val_loss": v}, "steps": 10, "fd": {"10": {"fd_efflite0": fd}} if fd else None}
+
+    runs = {"uniform": {0: rec(1.0, 10.0), 1: rec(2.0, 20.0), 2: rec(1.0, 10.0)},
+            "knn": {0: rec(0.99, 9.0), 1: rec(2.0, 19.0), 2: rec(0.98, 10.0)}}
+    (row,) = power.power_rows(runs, "val_loss")
+    d = [-1.0, 0.0, -2.0]
+    assert row["n"] == 3 and row["mean_pct"] == pytest.approx(-1.0) and row["sd_pct"] == pytest.approx(np.std(d, ddof=1))
+    assert row["halfwidth_pct"] == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+    assert row["meets_budget"] is False and row["budget_pct"] == 2.0
+    (frow,) = power.power_rows(runs, "fd")
+    assert frow["mean_pct"] == pytest.approx((-10.0 - 5.0 + 0.0) / 3)
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def test_first_crossing_and_flatness():
+    curve = [(100, 1.0), (200, 0.8), (300, 0.6)]
+    assert report.first_crossing(curve, 0.7) == pytest.approx(250.0)
+    assert report.first_crossing(curve, 1.0) == 100.0 and report.first_crossing(curve, 0.5) is None
+    assert report.flatness([(700, 0.5), (800, 0.52), (900, 0.51), (1000, 0.507)], 1000) == pytest.approx(-2.5)
+    assert report.flatness([(1000, 0.5)], 1000) is None
+
+
+def _write_synthetic(root, name, rel_by_method, seeds, base=0.05, spread=None, steps=1000, oracle_seeds=None):
+    """A protocol folder with uniform's final loss ``base * (1 + 0.01 seed)`` and each method at
+    ``uniform * (1 + rel / 100 + spread[seed])``."""
+    d = os.path.join(root, name)
+    os.makedirs(d, exist_ok=True)
+    p = protocols.get_protocol(name, {"steps": steps, "validation_steps": 100, "checkpointing_steps": 500,
+                                      "seeds": seeds})
+    with open(os.path.join(d, "protocol.json"), "w") as f:
+        json.dump({"resolved": p, "commands": [f"python benchmarks/run_benchmark.py --protocol {name}"],
+                   "unet_params": 651041, "stage1_unet_params": 651041}, f)
+    for m, rel in {"uniform": 0.0, **rel_by_method}.items():
+        for s in (oracle_seeds if m == "oracle" and oracle_seeds else seeds):
+            u = base * (1 + 0.01 * s)
+            v = u * (1 + rel / 100 + (spread[s] if spread and m != "uniform" else 0.0))
+            curve = [[k, v * (1 + 0.5 * (steps - k) / steps)] for k in range(100, steps + 1, 100)]
+            r = {"protocol": name, "method": m, "seed": s, "steps": steps, "val_curve": curve,
+                 "final": {"val_loss": v}, "s_per_step": 0.1, "fd": None}
+            if protocols.METHODS[m]["rater_scope"]:
+                r["rater"] = {"scope": protocols.METHODS[m]["rater_scope"], "key": "k-" + m}
+            with open(os.path.join(d, f"run_{m}_seed{s}.json"), "w") as f:
+                json.dump(r, f)
+    return d
+
+
+def test_report_verdict_yes_with_oracle_fraction(tmp_path):
+    root = str(tmp_path)
+    seeds = list(range(6))
+    jitter = {s: 0.001 * ((-1) ** s) for s in seeds}
+    _write_synthetic(root, "digits8", {"rater_cand": -3.0, "knn": +1.0, "oracle": -6.0}, seeds, spread=jitter,
+                     oracle_seeds=[0, 1, 2, 3])
+    with open(os.path.join(root, "digits8", "rater_candidates.json"), "w") as f:
+        json.dump({"scope": "candidates", "key": "k-rater_cand", "cost_s": 600.0, "stage1": {"meta_steps": 300},
+                   "meta_summary": {"mean_gain": 1e-4}}, f)
+    text = report.build_report(root, doc_dir=root)
+    assert "**Yes: 1 NoiseRater comparison(s) beat uniform" in text
+    # stage 1: 600 s shared by the 6 rater_cand runs -> 100 s each; reach: 938 steps x 0.1 s = 94 s (+100, +600)
+    assert "| candidates | `k-rater_cand` | 300 | 600 | 6 | 100 | 1.00e-04 |" in text
+    assert "| NoiseRater, candidate-scope rater, argmax | 938 | 0.94x | 94 | 194 | 694 |" in text
+    assert "beats uniform by 3.00 %" in text
+    # fraction over the oracle's seeds 0..3: jitter cancels in pairs -> -3 / -6
+    assert "captures 0.50 of the oracle's gain" in text
+    assert "wider than" not in text
+    assert os.path.exists(os.path.join(root, "digits8", "learning_curves.png"))
+    # uniform's curve falls 9 % over the last 20 % of steps in the synthetic data: flagged
+    assert "training is not flat" in text
+
+
+def test_report_verdict_no_and_over_budget(tmp_path):
+    root = str(tmp_path)
+    seeds = [0, 1, 2]
+    big = {0: -0.05, 1: 0.05, 2: 0.0}  # +-5 % seed-to-seed: interval far wider than +-2 %
+    _write_synthetic(root, "digits8", {"rater_batch": 0.5, "rater_cand": -0.5}, seeds, spread=big)
+    text = report.build_report(root, doc_dir=root)
+    assert "**No: no NoiseRater variant beats uniform" in text
+    assert "is wider than the ±2 % budget" in text and "the budget needs" in text
+    assert "Intervals wider than the power budget: `digits8` rater_batch (val_loss), `digits8` rater_cand (val_loss)" in text
+    assert "## Oracle ceiling" not in text
+
+
+def test_report_worse_and_transfer_table(tmp_path):
+    root = str(tmp_path)
+    seeds = [0, 1, 2, 3]
+    tiny = {s: 0.0005 * ((-1) ** s) for s in seeds}
+    _write_synthetic(root, "digits8", {"rater_cand": 1.0}, seeds, spread=tiny)
+    _write_synthetic(root, "transfer", {"rater_cand": -1.5}, seeds, spread=tiny)
+    text = report.build_report(root, doc_dir=root)
+    assert "is worse than uniform by 1.00 %" in text
+    assert "## Rater transfer" in text
+    row = [line for line in text.splitlines() if line.startswith("| NoiseRater, candidate-scope rater, argmax | 4 | -1.50")]
+    assert row and "+1.00" in row[0]
+
+
+def test_report_cli_writes_file(tmp_path):
+    root = str(tmp_path / "results")
+    _write_synthetic(root, "digits8", {"knn": 1.0}, [0, 1])
+    out = str(tmp_path / "B.md")
+    assert report.main(["--results_root", root, "--output", out]) == 0
+    text = open(out).read()
+    assert "No protocol has both uniform and NoiseRater results yet" in text
+    assert "`python benchmarks/run_benchmark.py --protocol digits8`" in text
+
+
+def test_fd_reference_reads_the_fashion_mnist_test_split(tmp_path, monkeypatch):
+    import gzip
+
+    import torch
+
+    from noise_rater.data import _resize_center_crop_uint8
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+    raw[0] = 77
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write((0x803).to_bytes(4, "big") + (6).to_bytes(4, "big") + (28).to_bytes(4, "big")
+                + (28).to_bytes(4, "big") + raw.tobytes())
+    monkeypatch.setenv("NOISE_RATER_FASHION_MNIST_DIR", str(tmp_path))
+    x, source = rb.real_images_for_fd(protocols.get_protocol("fmnist16"))
+    assert x.shape == (6, 1, 16, 16) and "test split" in source
+    # the same resize as the training data's preprocessing, then [-1, 1]
+    ref = _resize_center_crop_uint8(torch.from_numpy(raw)[:, None], 16).float() / 127.5 - 1.0
+    assert torch.equal(x, ref)
+    assert torch.allclose(x[0], torch.full((1, 16, 16), 77 / 127.5 - 1.0))
+    with pytest.raises(RuntimeError, match="only fashion_mnist"):
+        rb.real_images_for_fd(protocols.get_protocol("digits8"))
+
+
+def test_report_fd_columns_floor_and_budget(tmp_path):
+    root = str(tmp_path)
+    d = _write_synthetic(root, "fmnist16", {"rater_cand": -1.0}, [0, 1, 2], steps=1000)
+    fds = {("uniform", 0): 50.0, ("uniform", 1): 60.0, ("uniform", 2): 55.0,
+           ("rater_cand", 0): 45.0, ("rater_cand", 1): 57.0, ("rater_cand", 2): 55.0}
+    for (m, s), v in fds.items():
+        path = os.path.join(d, f"run_{m}_seed{s}.json")
+        r = json.load(open(path))
+        r["fd"] = {"500": {"fd_efflite0": 2 * v}, "1000": {"fd_efflite0": v}}
+        json.dump(r, open(path, "w"))
+    json.dump({"source": "fashion_mnist test split", "num_real_reference": 5000, "num_generated": 2000,
+               "fd_real_vs_real_halves": 1.25, "fd_real_vs_real_at_generated_count": 2.5},
+              open(os.path.join(d, "fd_floor.json"), "w"))
+    text = report.build_report(root, doc_dir=root)
+    rel = [-10.0, -5.0, 0.0]
+    hw = stats.t.ppf(0.975, 2) * np.std(rel, ddof=1) / math.sqrt(3)
+    assert f"-5.00 ± {hw:.2f} %" in text
+    assert "FD floor (real vs real" in text and "1.25 at 5000 vs 5000" in text and "2.50 at 2000 vs 5000" in text
+    assert "NoiseRater, candidate-scope rater, argmax, final FD (3 seeds)" in text
+    assert "wider than the ±5 % budget" in text
+
+
+def test_a_failing_run_is_an_error_and_writes_no_result(tmp_path):
+    class Failing(FakeRunner):
+        def __call__(self, cmd, log_path, timeout_s=None):
+            self.commands.append(cmd)
+            return 1
+
+    b = _bench(tmp_path, runner=Failing(), methods=["uniform"])
+    with pytest.raises(RuntimeError, match=r"uniform seed 0 failed \(exit 1\)"):
+        b.run()
+    assert not os.path.exists(b.result_path("uniform", 0))
+
+
+def test_power_cli(tmp_path, capsys):
+    root = str(tmp_path)
+    d = _write_synthetic(root, "digits8", {"knn": 1.0}, [0, 1, 2], spread={0: 0.01, 1: -0.01, 2: 0.0})
+    assert power.main([d]) == 0
+    out = capsys.readouterr().out
+    hw = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # differences 2, 0, 1 %: sd 1
+    assert f"| knn | val_loss | 3 | 1.00 | 1.00 | {hw:.2f} | 2 | **no** |" in out
+    assert power.main([str(tmp_path / "missing")]) == 2
+    os.remove(os.path.join(d, "run_uniform_seed0.json"))
+    for s in (1, 2):
+        os.remove(os.path.join(d, f"run_uniform_seed{s}.json"))
+    assert power.main([d]) == 2
