@@ -50,9 +50,11 @@ UNET_GPU = {"block_out_channels": [64, 128, 256], "layers_per_block": 2, "norm_n
             "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
             "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}             # 15.7 M at 32x32
 
-STAGE1_DEFAULT = {"meta_steps": 300, "population_size": 2, "inner_steps": 2, "inner_lr": 1e-3,
-                  "inner_model_lifetime": 100, "compare_every": 5, "checkpointing_steps": 25,
-                  "train_batch_size": 64, "seed": 1000}
+# Stage 1: K = 1 inner step (exact meta-gradient by one forward-mode JVP); inner batches of 8 images x N = 8
+# candidate noises (64 samples, as many as one stage-2 batch of 64 in flat samples).
+STAGE1_DEFAULT = {"meta_steps": 300, "population_size": 2, "inner_steps": 1, "inner_lr": 1e-3,
+                  "inner_model_lifetime": 100, "compare_every": 10, "checkpointing_steps": 25,
+                  "train_batch_size": 8, "seed": 1000}
 
 DIGITS_NO_FD = ("scikit-learn digits has 1,797 images in total (180 held out at validation_split 0.1): FD at "
                 ">= 2,000 generated vs >= 5,000 held-out real images is impossible, and FD at the few hundred "
@@ -114,7 +116,7 @@ PROTOCOLS = {
         "checkpointing_steps": 1000,
         "fd": {"num_generated": 5000, "num_real": 5000, "scheduler": "ddim", "num_inference_steps": 50,
                "sample_seed": 1234, "at_fractions": [0.5, 1.0], "batch_size": 500},
-        "stage1": {**STAGE1_DEFAULT, "meta_steps": 500, "train_batch_size": 128, "inner_model_lifetime": 200},
+        "stage1": {**STAGE1_DEFAULT, "meta_steps": 500, "train_batch_size": 16, "inner_model_lifetime": 200},
     },
 }
 

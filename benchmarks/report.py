@@ -35,6 +35,13 @@ LEGACY_LABEL = {"uniform": "uniform", "min_snr": "Min-SNR-5", "knn": "KNN (N=8)"
 # ---- small helpers -----------------------------------------------------------------------------------------
 
 
+def _valuation_cell(rater_info, key):
+    """A stage-1 rater's final valuation number (``meta_summary.json`` -> ``valuation``) as a table cell."""
+    v = (rater_info.get("meta_summary") or {}).get("valuation") or {}
+    x = v.get(key)
+    return f"{x:+.3f}" if isinstance(x, (int, float)) and x == x else "n/a"
+
+
 def label(m):
     return METHODS[m]["label"] if m in METHODS else LEGACY_LABEL.get(m, m)
 
@@ -211,18 +218,22 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
     if raters:
         L.append(f"{level}# Stage-1 raters used here\n")
         L.append("| scope | cache key | meta-steps | cost s | stage-2 runs sharing it (all protocols) | amortised s per run "
-                 "| mean stage-1 gain (uniform - weighted val. loss) |")
-        L.append("|---|---|---|---|---|---|---|")
+                 "| mean stage-1 gain (uniform - weighted val. loss) | valuation rho | fraction of oracle's one-step gain |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         for r in raters:
             cost, uses = costs.get(r["key"], (r.get("cost_s"), 0))
             gain = r.get("meta_summary", {}).get("mean_gain")
             L.append(f"| {r['scope']} | `{r['key']}` | {r.get('stage1', {}).get('meta_steps')} | "
                      f"{f'{cost:.0f}' if finite(cost) else 'n/a'} | {uses} | "
                      f"{f'{cost / uses:.0f}' if finite(cost) and uses else 'n/a'} | "
-                     f"{f'{gain:.2e}' if finite(gain) else 'n/a'} |")
+                     f"{f'{gain:.2e}' if finite(gain) else 'n/a'} | "
+                     f"{_valuation_cell(r, 'spearman_rho')} | {_valuation_cell(r, 'fraction_of_oracle')} |")
         L.append("")
+        L.append("Valuation (stage 1's final measurement on held-out groups): within-group Spearman rho between rater "
+                 "score and exact one-step influence, and the share of the oracle's one-step gain over a random pick "
+                 "that the rater's pick captures (mean over inner models).\n")
         for r in raters:
-            for fig in ("rater_analysis.png", "meta_evidence.png"):
+            for fig in ("rater_analysis.png", "meta_evidence.png", "valuation_accuracy.png"):
                 path = os.path.join(d, f"rater_{r['scope']}_{fig}")
                 if os.path.exists(path):
                     L.append(f"![{r['scope']} rater: {fig[:-4].replace('_', ' ')}]({os.path.relpath(path, doc_dir)})")
@@ -504,14 +515,31 @@ def cost_section(results_root):
                      f"{r['num_candidates']} | {r['train_step_s']:.3f} | {r['select_s']:.4f} | {100 * r['overhead']:.1f}% |")
         L.append("")
     mc = read_json(os.path.join(results_root, "meta_cost.json"))
-    if mc:
+    if mc and all("mode" in r for r in mc["rows"]):
         L += ["## Stage-1 meta-step cost\n",
-              f"`{mc.get('command')}` ({mc.get('resolution')}x{mc.get('resolution')}, batch {mc.get('batch_size')}, "
-              "one inner model)\n", "| K | median s / meta-step | peak RSS GB | inner UNet params |", "|---|---|---|---|"]
+              f"`{mc.get('command')}` ({mc.get('resolution')}x{mc.get('resolution')}, {mc.get('images')} images x "
+              f"{mc.get('candidates')} candidates = {mc.get('samples_per_step')} samples, one inner model, "
+              f"{mc.get('machine')}, {mc.get('date')})\n",
+              "| mode | K | median s / step | x plain | peak RSS GB | x plain |", "|---|---|---|---|---|---|"]
         for r in mc["rows"]:
-            L.append(f"| {r['K']} | {r['median_s']:.2f} | {r['peak_rss_gb']:.2f} | {r['unet_params']} |")
+            L.append(f"| {r['mode']} | {r['K']} | {r['median_s']:.3f} | {r.get('time_ratio_to_plain', float('nan')):.2f} | "
+                     f"{r['peak_rss_gb']:.2f} | {r.get('peak_rss_ratio_to_plain', float('nan')):.2f} |")
+        v = mc.get("verdict")
+        if v:
+            L.append(f"\nForward-mode K = 1 meta-step: {v['forward_time_ratio']:.2f}x a plain step in time (target <= "
+                     f"{v['target']['time_ratio']}x: {'met' if v['time_target_met'] else 'not met'}) and "
+                     f"{v['forward_peak_rss_ratio']:.2f}x in peak RSS (target <= {v['target']['peak_rss_ratio']}x: "
+                     f"{'met' if v['memory_target_met'] else 'not met'}).")
         L.append("")
     return L
+
+
+def valuation_evidence_section(results_root):
+    """The markdown written by ``benchmarks/valuation_evidence.py`` (if it has run)."""
+    path = os.path.join(results_root, "valuation_evidence.md")
+    if not os.path.exists(path):
+        return []
+    return [open(path).read().rstrip() + "\n"]
 
 
 def plot_curves(runs, methods, out_dir):
@@ -588,6 +616,7 @@ def build_report(results_root, doc_dir=ROOT):
     L += gpu_body
     if any(s["runs"] for s in gpu_summaries):
         L += ["### GPU verdict\n"] + verdict(gpu_summaries)[1:]
+    L += valuation_evidence_section(results_root)
     L += cost_section(results_root)
     L += legacy_section(os.path.join(results_root, "legacy"), doc_dir)
     return "\n".join(L) + "\n"

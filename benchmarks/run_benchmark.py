@@ -293,7 +293,7 @@ class Benchmark:
             if not os.path.exists(os.path.join(out, "meta_summary.json")):
                 raise RuntimeError(f"stage 1 finished but wrote no {out}/meta_summary.json")
         summary = read_json(os.path.join(out, "meta_summary.json"))
-        for fig in ("rater_analysis.png", "meta_evidence.png"):  # the stage-1 script's own figures, for the report
+        for fig in ("rater_analysis.png", "meta_evidence.png", "valuation_accuracy.png"):  # the stage-1 script's own figures, for the report
             if os.path.exists(os.path.join(out, fig)):
                 shutil.copyfile(os.path.join(out, fig), os.path.join(self.results_dir, f"rater_{scope}_{fig}"))
         secs = read_json(os.path.join(out, "runner_seconds.json")) if os.path.exists(

@@ -269,7 +269,8 @@ def parse_args(argv=None):
     ap.add_argument("--model_config_name_or_path", default=None,
                     help="UNet2DModel config JSON for both stages (default: the scripts' default UNet).")
     ap.add_argument("--meta_steps", type=int, default=100, help="Stage-1 meta-steps.")
-    ap.add_argument("--meta_batch_size", type=int, default=64, help="Stage-1 batch size.")
+    ap.add_argument("--meta_batch_size", type=int, default=8,
+                    help="Stage-1 images per inner batch, each with --num_candidate_noises candidates.")
     ap.add_argument("--compare_every", type=int, default=5,
                     help="Stage 1 also unrolls with uniform weights every N meta-steps (the paired evidence).")
     ap.add_argument("--train_steps", type=int, default=800, help="Stage-2 training steps per run.")
@@ -321,7 +322,8 @@ def main(argv=None):
     stage("stage1_s", "stage 1: meta-train rater", os.path.join(rater_dir, "meta_summary.json"),
           "train_noiserater.py", [
               *common, "--output_dir", rater_dir, "--max_train_steps", str(a.meta_steps),
-              "--train_batch_size", str(a.meta_batch_size), "--population_size", "2", "--inner_steps", "2",
+              "--train_batch_size", str(a.meta_batch_size), "--num_candidate_noises", str(a.num_candidate_noises),
+              "--population_size", "2", "--inner_steps", "1",
               "--compare_every", str(a.compare_every), "--checkpointing_steps", str(max(a.meta_steps // 4, 1)),
               "--inner_model_lifetime", "50"])
 
@@ -392,8 +394,27 @@ def write_report(out, runs, timings, a):
          f"**Verdict (stage 1).** {v1}", "",
          "![meta evidence](rater/meta_evidence.png) ![rater analysis](rater/rater_analysis.png)", ""]
     # --- valuation accuracy (stage 1): embedded when train_noiserater.py has written the figure -----------
-    if os.path.exists(os.path.join(out, "rater", "valuation_accuracy.png")):
-        L += ["Valuation accuracy of the rater:", "", "![valuation accuracy](rater/valuation_accuracy.png)", ""]
+    val_path = os.path.join(out, "rater", "valuation.jsonl")
+    if os.path.exists(val_path):
+        records = read_jsonl(val_path)
+        # the last three measurements x inner models: a spread of the fraction of the oracle's gain captured
+        fr = [100.0 * m["fraction_of_oracle"] for r in records[-3:] for m in r["members"]]
+        rho = [m["spearman_rho"] for r in records[-3:] for m in r["members"]]
+        f_mean, f_half, f_n = mean_t_interval(fr)
+        r_mean, r_half, r_n = mean_t_interval(rho)
+        v_val = interval_verdict(
+            f_mean, f_half, f_n, unit=" %", scope="on held-out groups, one seed",
+            positive="the rater's pick among the candidates captured part of the oracle's one-step gain over a "
+                     "random pick",
+            negative="the rater's pick among the candidates was less useful than a random pick")
+        L += ["### Valuation accuracy: does the rater pick the useful noise?", "",
+              "On fixed held-out (x0, t) groups of candidate noises, the rater's ranking is compared with the exact "
+              "one-step influence of each candidate on the validation loss (the oracle).", "",
+              f"- Within-group Spearman rho (score vs influence), last {min(3, len(records))} measurements x inner "
+              f"models: {fmt_value(r_mean)} ± {fmt_value(r_half)}.",
+              f"- Share of the oracle's one-step gain over a random pick that the rater's pick captures: "
+              f"{fmt_value(f_mean)} ± {fmt_value(f_half)} % (100 % = the oracle, 0 % = random).", "",
+              f"**Verdict (valuation).** {v_val}", "", "![valuation accuracy](rater/valuation_accuracy.png)", ""]
     # -------------------------------------------------------------------------------------------------------
     L += ["## Stage 2: hard selection vs uniform noise", "",
           "| run | final validation loss (Gaussian noise) | wall time s | selection time s |", "|---|---|---|---|"]
