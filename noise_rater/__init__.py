@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .modeling_noise_rater import NoiseRaterModel, NoiseRaterOutput
+from .pipelines import ClassConditionalDDPMPipeline
 from .sampling import (
     AssignmentNoiseSampler,
     KNNNoiseSampler,
@@ -13,6 +14,7 @@ from .sampling import (
 from .weighting import compute_snr, min_snr_weights, soft_weights
 
 __all__ = [
+    "ClassConditionalDDPMPipeline",
     "NoiseRaterModel",
     "NoiseRaterOutput",
     "NoiseSelectingSampler",
