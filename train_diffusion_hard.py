@@ -40,22 +40,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from noise_rater.checkpointing import (
-    CheckpointError,
-    capture_rng_state,
-    load_module_state,
-    load_torch_state,
-    resolve_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    save_module_state,
-    save_torch_state,
-)
+from noise_rater.checkpointing import CheckpointError, resolve_checkpoint
 from noise_rater.data import BUILTIN_DATASETS, DataError, ResumableBatches, prepare_datasets
 from noise_rater.diffusion import per_sample_diffusion_loss, sample_timesteps
+from noise_rater.training_state import load_training_state as load_state
+from noise_rater.training_state import save_training_state as save_state
 from noise_rater.training_utils import (
     NonFiniteError,
     SkipCounter,
@@ -64,7 +55,6 @@ from noise_rater.training_utils import (
     add_diffusion_args,
     add_run_args,
     append_jsonl,
-    read_jsonl,
     truncate_jsonl,
     check_finite,
     check_positive,
@@ -74,6 +64,7 @@ from noise_rater.training_utils import (
     validate_common_args,
     write_json,
 )
+from noise_rater.visualization import class_grid_labels, plot_losses, sample_images, save_image_grid
 
 SCRIPT_NAME = "train_diffusion_hard"
 NOISE_SELECTIONS = ("uniform", "rater", "knn", "assignment")
@@ -257,7 +248,7 @@ def dry_run_config(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small helpers: RNG isolation, JSONL bookkeeping, grids, plots
+# Small helpers: RNG isolation
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -276,104 +267,6 @@ def _sync(device) -> None:
 
 def _finite_or_none(x):
     return x if x is not None and math.isfinite(x) else None
-
-
-@torch.no_grad()
-def sample_images(unet, scheduler_config, num_images, *, num_inference_steps, seed, batch_size, class_labels=None):
-    """DDIM (eta = 0) samples from ``unet``, as ``DDPMPipeline`` with a DDIM scheduler does, plus class labels.
-
-    Returns float32 `(N, C, H, W)` in [0, 1] on CPU. Uses its own CPU generator seeded with ``seed``.
-    """
-    from diffusers import DDIMScheduler
-    from diffusers.utils.torch_utils import randn_tensor
-
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps)
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    size = unet.config.sample_size
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    was_training = unet.training
-    unet.eval()
-    out = []
-    try:
-        for start in range(0, num_images, batch_size):
-            bs = min(batch_size, num_images - start)
-            image = randn_tensor((bs, unet.config.in_channels) + hw, generator=generator, device=device, dtype=dtype)
-            labels = None if class_labels is None else class_labels[start:start + bs].to(device)
-            for t in scheduler.timesteps:
-                if labels is None:
-                    model_output = unet(image, t).sample
-                else:
-                    model_output = unet(image, t, class_labels=labels).sample
-                image = scheduler.step(model_output, t, image, generator=generator).prev_sample
-            out.append((image / 2 + 0.5).clamp(0, 1).float().cpu())
-    finally:
-        if was_training:
-            unet.train()
-    return torch.cat(out)
-
-
-def save_image_grid(images01: torch.Tensor, path: str) -> None:
-    """`(N, C, H, W)` in [0, 1] -> one PNG grid (ceil(sqrt(N)) columns, 2 px padding), enlarged with
-    nearest-neighbour to at least 256 px wide so that small images (8x8 digits) stay visible."""
-    from PIL import Image
-
-    n, c, h, w = images01.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    pad = 2
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
-    arr = (images01.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = arr[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
-    scale = max(1, int(math.ceil(256 / img.width)))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-
-
-def plot_losses(output_dir: str, path: str) -> None:
-    """Train loss (raw and smoothed) and validation loss vs step, from metrics.jsonl / validation.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
-             if r.get("loss") is not None]
-    val = read_jsonl(os.path.join(output_dir, "validation.jsonl"))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if train:
-        steps = np.array([s for s, _ in train])
-        losses = np.array([v for _, v in train])
-        window = max(1, min(100, len(losses) // 20))
-        ax.plot(steps, losses, color="tab:blue", alpha=0.25 if window > 1 else 1.0, lw=0.8, label="train loss")
-        if window > 1:
-            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=1.5, label=f"train loss ({window}-step mean)")
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:red",
-                label="validation loss" + (" (EMA)" if "val_loss_raw" in val[0] else ""))
-        if "val_loss_raw" in val[0]:
-            ax.plot([r["step"] for r in val], [r["val_loss_raw"] for r in val], "s--", color="tab:orange",
-                    label="validation loss (raw weights)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("diffusion loss")
-    if train or val:
-        vals = [v for _, v in train] + [r["val_loss"] for r in val]
-        if vals and min(vals) > 0:
-            ax.set_yscale("log")
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,71 +351,18 @@ def check_rater(rater, channels, class_conditional):
 
 
 def save_training_state(args, accelerator, step, unet, ema, optimizer, lr_scheduler, generator, batches, extra):
-    """Checkpoint ``output_dir/checkpoint-{step}``. Called on EVERY process (the RNG/data states are gathered);
-    only the main process writes, the others wait."""
-    from accelerate.utils import gather_object
-
-    rng_states = gather_object([capture_rng_state({"train": generator})])
-    data_states = gather_object([batches.state_dict()])
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-
-        def write_fn(tmp):
-            save_module_state(model, os.path.join(tmp, "unet.safetensors"))
-            if ema is not None:
-                save_torch_state(ema.state_dict(), os.path.join(tmp, "ema.pt"))
-            save_torch_state(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            save_torch_state(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
-            if accelerator.scaler is not None:  # fp16 loss scaling
-                save_torch_state(accelerator.scaler.state_dict(), os.path.join(tmp, "grad_scaler.pt"))
-            for rank, state in enumerate(rng_states):
-                save_torch_state(state, os.path.join(tmp, f"rng_rank{rank}.pt"))
-            write_json(os.path.join(tmp, "training_state.json"),
-                       dict(extra, step=step, num_processes=accelerator.num_processes, data=data_states))
-            write_json(os.path.join(tmp, "args.json"), vars(args))
-
-        path = save_checkpoint(
-            args.output_dir, step, write_fn, total_limit=args.checkpoints_total_limit,
-            metadata={"script": SCRIPT_NAME, "step": step, "num_processes": accelerator.num_processes,
-                      "noise_selection": args.noise_selection, "loss_weighting": args.loss_weighting,
-                      "use_ema": bool(args.use_ema)},
-        )
-        logging.getLogger(SCRIPT_NAME).info("Saved checkpoint %s", path)
-    accelerator.wait_for_everyone()
+    """Checkpoint ``output_dir/checkpoint-{step}`` (call on every process); see :mod:`noise_rater.training_state`."""
+    save_state(args.output_dir, step, accelerator=accelerator, unet=unet, ema=ema, optimizer=optimizer,
+               lr_scheduler=lr_scheduler, generator=generator, batches=batches, extra=extra, run_args=vars(args),
+               total_limit=args.checkpoints_total_limit,
+               metadata={"script": SCRIPT_NAME, "noise_selection": args.noise_selection,
+                         "loss_weighting": args.loss_weighting, "use_ema": bool(args.use_ema)})
 
 
 def load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, generator, batches):
-    """Restore everything :func:`save_training_state` wrote (on every process); returns the extra state dict."""
-    with open(os.path.join(path, "training_state.json")) as f:
-        state = json.load(f)
-    if state["num_processes"] != accelerator.num_processes:
-        raise CheckpointError(
-            f"Checkpoint {path} was written by {state['num_processes']} process(es); this run has "
-            f"{accelerator.num_processes}. Resume with the same number of processes."
-        )
-    rank = accelerator.process_index
-    load_module_state(accelerator.unwrap_model(unet), os.path.join(path, "unet.safetensors"))
-    if ema is not None:
-        ema_file = os.path.join(path, "ema.pt")
-        if not os.path.isfile(ema_file):
-            raise CheckpointError(f"Checkpoint {path} has no EMA state (ema.pt) but this run uses --use_ema.")
-        try:
-            ema.load_state_dict(load_torch_state(ema_file))
-        except ValueError as e:
-            raise CheckpointError(f"EMA state {ema_file} is malformed: {e}") from e
-        ema.to(accelerator.device)
-    try:
-        optimizer.load_state_dict(load_torch_state(os.path.join(path, "optimizer.pt")))
-        lr_scheduler.load_state_dict(load_torch_state(os.path.join(path, "lr_scheduler.pt")))
-        scaler_file = os.path.join(path, "grad_scaler.pt")
-        if accelerator.scaler is not None and os.path.isfile(scaler_file):
-            accelerator.scaler.load_state_dict(load_torch_state(scaler_file))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"Optimizer / lr scheduler state in {path} does not fit this run: {e}") from e
-    batches.load_state_dict(state["data"][rank])
-    rng = load_torch_state(os.path.join(path, f"rng_rank{rank}.pt"))
-    restore_rng_state(rng, {"train": generator})
-    return state
+    """Restore a checkpoint on every process (elastic across batch sizes and process counts); returns its state."""
+    return load_state(path, accelerator=accelerator, unet=unet, ema=ema, optimizer=optimizer,
+                      lr_scheduler=lr_scheduler, generator=generator, batches=batches)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,22 +410,26 @@ def run_validation(args, model, ema, noise_scheduler, triples):
     return record
 
 
-def save_grid(args, model, ema, noise_scheduler, num_classes, path, step, accelerator):
-    labels = None
+def save_grid(args, model, ema, noise_scheduler, num_classes, path, step, accelerator, class_names=None):
+    """Sample a grid (with EMA weights if given) and save it; class-conditional grids hold one labelled row per
+    class."""
+    labels, ncols, row_labels = None, None, None
     if args.class_conditional:
-        labels = torch.arange(NUM_GRID_IMAGES) % num_classes
+        labels, ncols = class_grid_labels(num_classes, NUM_GRID_IMAGES)
+        rows = int(labels.max()) + 1
+        row_labels = [class_names[r] if class_names else str(r) for r in range(rows)]
     with isolated_torch_rng():
         if ema is not None:
             ema.store(model.parameters())
             ema.copy_to(model.parameters())
         try:
-            images = sample_images(model, noise_scheduler.config, NUM_GRID_IMAGES,
+            images = sample_images(model, noise_scheduler.config, NUM_GRID_IMAGES if labels is None else len(labels),
                                    num_inference_steps=args.num_inference_steps, seed=args.seed,
                                    batch_size=args.eval_batch_size, class_labels=labels)
         finally:
             if ema is not None:
                 ema.restore(model.parameters())
-    save_image_grid(images, path)
+    save_image_grid(images, path, ncols=ncols, row_labels=row_labels)
     if args.report_to in ("tensorboard", "all"):
         try:
             writer = accelerator.get_tracker("tensorboard", unwrap=True)
@@ -626,6 +470,7 @@ def main(args):
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    from noise_rater.pipelines import ClassConditionalDDPMPipeline
     from noise_rater.weighting import compute_snr, min_snr_weights, soft_weights
 
     start_wall = time.perf_counter()
@@ -843,7 +688,7 @@ def main(args):
                 if grid_due and global_step != max_train_steps:
                     save_grid(args, accelerator.unwrap_model(unet), ema, noise_scheduler, splits.num_classes,
                               os.path.join(args.output_dir, "samples", f"samples_step{global_step:06d}.png"),
-                              global_step, accelerator)
+                              global_step, accelerator, splits.class_names)
             accelerator.wait_for_everyone()
     finally:
         progress_bar.close()
@@ -859,10 +704,14 @@ def main(args):
         if ema is not None:
             ema.copy_to(model.parameters())
         step_time = totals["select_time_s"] + totals["train_time_s"]  # over all steps, resumed runs included
-        pipeline = DDPMPipeline(unet=model, scheduler=noise_scheduler)
+        if args.class_conditional:  # generates with pipe(class_labels=[...]); class names in model_index.json
+            pipeline = ClassConditionalDDPMPipeline(unet=model, scheduler=noise_scheduler,
+                                                    class_names=splits.class_names)
+        else:
+            pipeline = DDPMPipeline(unet=model, scheduler=noise_scheduler)
         pipeline.save_pretrained(args.output_dir)
         save_grid(args, model, None, noise_scheduler, splits.num_classes,
-                  os.path.join(args.output_dir, "samples_final.png"), global_step, accelerator)
+                  os.path.join(args.output_dir, "samples_final.png"), global_step, accelerator, splits.class_names)
         final = {
             "final_val_loss": last_val["val_loss"],
             **{k.replace("val_loss", "final_val_loss"): v for k, v in last_val.items()

@@ -81,6 +81,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
 
+_CLASS_NAMES = {
+    "digits": tuple(str(d) for d in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # Decoding: high bit depth, transparency, palettes
@@ -683,6 +689,8 @@ class DatasetSplits:
         resolution (`int`): H = W.
         description (`str`): one line for model cards, e.g.
             ``"fashion_mnist (54000 train / 6000 val, 28x28, 1ch)"``.
+        class_names (`List[str]`, *optional*): ``class_names[i]`` names class ``i`` (``use_labels=True`` and the
+            data names its classes: ``ClassLabel`` columns, image-folder class folders, the built-ins).
     """
 
     train: torch.utils.data.Dataset
@@ -691,6 +699,7 @@ class DatasetSplits:
     num_channels: int
     resolution: int
     description: str
+    class_names: Optional[List[str]] = None
 
 
 def _split_indices(
@@ -798,6 +807,7 @@ def prepare_datasets(
         resized = _resize_center_crop_uint8(images[keep], resolution)
         n_train = len(train_idx)
         num_classes = 10 if use_labels else None
+        class_names = (list(_CLASS_NAMES[builtin]) if use_labels else None)
         train_labels = labels[train_idx] if use_labels else None
         val_labels = labels[val_idx] if use_labels else None
         train = _TensorImageDataset(resized[:n_train], train_labels, num_channels, random_flip)
@@ -812,15 +822,18 @@ def prepare_datasets(
             name = str(dataset_name)
         hf_dataset = _load_hf_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
         column = _find_image_column(hf_dataset, image_column)
-        labels, num_classes = None, None
+        labels, num_classes, class_names = None, None, None
         if use_labels:
             try:
-                labels, num_classes, _ = _hf_labels(hf_dataset, label_column)
+                labels, num_classes, used_column = _hf_labels(hf_dataset, label_column)
             except DataError as e:
                 if train_data_dir is None or label_column is not None:
                     raise
                 raise DataError(f"Cannot infer class labels for {os.fspath(train_data_dir)}: "
                                 f"{explain_missing_folder_labels(train_data_dir)}. ({e})") from e
+            feature = hf_dataset.features[used_column]
+            names = getattr(feature, "names", None)
+            class_names = list(names) if names and len(names) == num_classes else None
         train_idx, val_idx = _split_indices(len(hf_dataset), validation_split, seed, max_train_samples, name)
         mode = _MODE_FOR_CHANNELS[num_channels]
         train = _HFImageDataset(
@@ -839,6 +852,7 @@ def prepare_datasets(
         num_channels=num_channels,
         resolution=resolution,
         description=_describe(name, len(train), len(validation), resolution, num_channels, num_classes),
+        class_names=class_names,
     )
 
 
