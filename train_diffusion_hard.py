@@ -59,7 +59,10 @@ from noise_rater.training_utils import (
     check_finite,
     check_positive,
     grad_norm,
+    check_resolution,
+    default_unet_config,
     load_json_config,
+    preflight_push_to_hub,
     resolve_unet_config,
     validate_common_args,
     write_json,
@@ -93,6 +96,9 @@ def parse_args(input_args=None):
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="Fine-tune an existing DDPMPipeline (folder or hub id; its unet/) or a UNet2DModel folder.")
+    g.add_argument("--variant", type=str, default=None,
+                   help="Load the pretrained UNet's variant weights, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
+                        "(loaded in float32 for training).")
     g.add_argument("--num_channels", type=int, default=None, choices=[1, 3],
                    help="Image channels; default: the model config's in_channels, else 1 for the built-in data sets "
                         f"({', '.join(BUILTIN_DATASETS)}) and 3 otherwise.")
@@ -182,10 +188,46 @@ def _pretrained_unet_location(path: str):
     raise UsageError(f"--pretrained_model_name_or_path {path!r}: no UNet2DModel found (not a folder, not reachable).")
 
 
+def _weight_variants(folder: str):
+    """``(has plain weights, sorted variant names)`` of a local model folder (``diffusion_pytorch_model.<v>.<ext>``)."""
+    plain, variants = False, set()
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            parts = name.split(".")
+            if parts[0] != "diffusion_pytorch_model" or parts[-1] not in ("safetensors", "bin"):
+                continue
+            if len(parts) == 2 or (len(parts) == 3 and parts[1].endswith("index")):
+                plain = True
+            elif len(parts) >= 3:
+                variants.add(parts[1])
+    return plain, sorted(variants)
+
+
+def check_variant(args, path, sub) -> None:
+    """A local UNet folder must hold the weights ``--variant`` asks for; fp16-only folders need ``--variant fp16``."""
+    folder = os.path.join(path, sub) if sub else path
+    if not os.path.isdir(folder):
+        return  # a hub id: diffusers reports a missing variant itself
+    plain, variants = _weight_variants(folder)
+    if args.variant is None and not plain and variants:
+        raise UsageError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {folder} holds only the variant "
+            f"weight(s) {', '.join(variants)} (e.g. diffusion_pytorch_model.{variants[0]}.safetensors); "
+            f"pass --variant {variants[0]}."
+        )
+    if args.variant is not None and args.variant not in variants:
+        have = ", ".join(variants) if variants else "none"
+        raise UsageError(
+            f"--variant {args.variant}: {folder} has no diffusion_pytorch_model.{args.variant}.* weights "
+            f"(variants found: {have}" + ("; it has plain weights, so drop --variant" if plain else "") + ")."
+        )
+
+
 def _pretrained_unet_config(args) -> dict:
     from diffusers import UNet2DModel
 
     path, sub = _pretrained_unet_location(args.pretrained_model_name_or_path)
+    check_variant(args, path, sub)
     try:
         return dict(UNet2DModel.load_config(path, subfolder=sub))
     except (OSError, ValueError) as e:
@@ -221,6 +263,9 @@ def resolve_shapes(args):
     if resolution is None:
         size = base.get("sample_size") if base else None
         resolution = int(size if isinstance(size, int) else (size[0] if size else 28))
+    what = ("the pretrained UNet" if args.pretrained_model_name_or_path else
+            "the UNet of --model_config_name_or_path" if args.model_config_name_or_path else "the default UNet")
+    check_resolution(resolution, base if base is not None else default_unet_config(resolution, channels), what)
     return channels, resolution, base
 
 
@@ -280,7 +325,7 @@ def build_unet(args, channels, resolution, num_classes):
     if args.pretrained_model_name_or_path:
         path, sub = _pretrained_unet_location(args.pretrained_model_name_or_path)
         try:
-            unet = UNet2DModel.from_pretrained(path, subfolder=sub)
+            unet = UNet2DModel.from_pretrained(path, subfolder=sub, variant=args.variant, torch_dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise UsageError(f"--pretrained_model_name_or_path {path!r}: cannot load the UNet ({e}).") from None
         if unet.config.in_channels != channels:
@@ -331,9 +376,14 @@ def load_rater(args, device):
     return selector, rater
 
 
-def check_rater(rater, channels, class_conditional):
+def check_rater(rater, channels, class_conditional, resolution=None):
     if rater is None:
         return
+    size = rater.config.sample_size
+    if resolution is not None and size is not None and size != resolution:
+        logging.getLogger(SCRIPT_NAME).warning(
+            "The rater was trained at sample_size=%s but scores %dx%d images here; its scores may not transfer "
+            "to another resolution.", size, resolution, resolution)
     if rater.config.in_channels != channels:
         raise UsageError(
             f"The rater has in_channels={rater.config.in_channels}, the images have {channels} channel(s)."
@@ -500,11 +550,12 @@ def main(args):
         validation_split=args.validation_split, seed=args.seed, max_train_samples=args.max_train_samples,
         cache_dir=args.cache_dir, image_column=args.image_column, label_column=args.label_column,
         use_labels=args.class_conditional, allow_mixed_channels=args.allow_mixed_channels,
+        background_color=args.background_color,
     )
     log.info("Data: %s", splits.description)
     batches = ResumableBatches(splits.train, args.train_batch_size, seed=args.seed,
                                shard=accelerator.process_index, num_shards=accelerator.num_processes)
-    max_train_steps = args.max_train_steps or args.num_epochs * batches.batches_per_epoch
+    max_train_steps = args.max_train_steps or batches.steps_for_epochs(args.num_epochs)
     if args.lr_warmup_steps >= max_train_steps:
         log.warning("--lr_warmup_steps %d >= %d training steps: the learning rate never leaves warm-up.",
                     args.lr_warmup_steps, max_train_steps)
@@ -514,7 +565,7 @@ def main(args):
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                                     prediction_type=args.prediction_type)
     selector, rater = load_rater(args, device)
-    check_rater(rater, channels, args.class_conditional)
+    check_rater(rater, channels, args.class_conditional, resolution)
     rater_uses_labels = rater is not None and rater.config.num_class_embeds is not None
 
     ema = None
@@ -759,6 +810,7 @@ def cli(input_args=None) -> None:
         if args.dry_run:
             print(json.dumps(dry_run_config(args), indent=2, sort_keys=True, default=str))
             return
+        preflight_push_to_hub(args)
         main(args)
     except FloatingPointError as e:  # NonFiniteError and non-finite rater scores
         print(f"error: {e}", file=sys.stderr)
