@@ -205,8 +205,11 @@ def test_class_conditional_run_saves_a_generating_pipeline(stage2, tmp_path, tin
     pipe.set_progress_bar_config(disable=True)
     images = pipe(["3", 7], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
-    grid = Image.open(out / "samples_final.png")
-    assert grid.width > grid.height  # labelled rows (10 classes x 2 columns) plus a label margin
+    grid = np.asarray(Image.open(out / "samples_final.png").convert("L"))
+    scale = -(-256 // (2 * (8 + 2) + 2))  # 2 columns of 8 px with 2 px padding, enlarged to >= 256 px
+    assert grid.shape[0] == (10 * (8 + 2) + 2) * scale  # one row per class
+    margin = grid.shape[1] - (2 * (8 + 2) + 2) * scale
+    assert margin > 0 and (grid[:, :margin] < 128).any()  # a margin holding the row labels (dark text on white)
 
 
 # ------------------------------------------------------------------------------------------------
