@@ -307,3 +307,40 @@ def test_old_batch_counted_state_still_loads():
 def test_steps_for_epochs():
     stream = ResumableBatches(Indices(100), 8, seed=0, shard=0, num_shards=1)
     assert stream.steps_for_epochs(1) == 13 and stream.steps_for_epochs(2) == 25
+
+
+def test_training_state_loads_old_batch_counted_checkpoints(tmp_path):
+    """A checkpoint written before positions were counted in samples ('index' in batches of args.json's
+    train_batch_size) resumes at the same sample; a batch-size change then warns."""
+    import json
+
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from noise_rater.training_state import load_training_state, save_training_state
+
+    accelerator = Accelerator(cpu=True)
+
+    def parts():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        return model, optimizer, scheduler
+
+    model, optimizer, scheduler = parts()
+    stream = ResumableBatches(Indices(100), 4, seed=0)
+    take(stream, 10)
+    path = save_training_state(str(tmp_path), 10, accelerator=accelerator, unet=model, ema=None, optimizer=optimizer,
+                               lr_scheduler=scheduler, generator=torch.Generator(), batches=stream, extra={},
+                               run_args={"train_batch_size": 4})
+    state_file = f"{path}/training_state.json"
+    state = json.load(open(state_file))
+    state["data"] = [{"epoch": 0, "index": 10, "seed": 0, "shard": 0, "num_shards": 1}]  # the old format
+    json.dump(state, open(state_file, "w"))
+    model, optimizer, scheduler = parts()
+    resumed = ResumableBatches(Indices(100), 8, seed=0)
+    load_training_state(path, accelerator=accelerator, unet=model, ema=None, optimizer=optimizer,
+                        lr_scheduler=scheduler, generator=torch.Generator(), batches=resumed)
+    assert (resumed.epoch, resumed.position) == (0, 40)
