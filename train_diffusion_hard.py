@@ -11,7 +11,9 @@ at the end. What is different:
   frozen NoiseRater (``rater``; ``--selection_rule`` argmax / softmax / importance);
 * optional per-sample loss weights (``--loss_weighting``): Min-SNR-gamma, or soft weights from the rater's scores;
 * the data stream is exactly resumable and checkpoints hold every RNG state, so a run stopped at step k and
-  resumed with ``--resume_from_checkpoint latest`` ends bit-identical (on CPU) to an uninterrupted run;
+  resumed with ``--resume_from_checkpoint latest`` ends bit-identical (on CPU) to an uninterrupted run; resumed
+  with another ``--train_batch_size`` or number of processes it continues at the samples seen, with a warning
+  (see ``noise_rater/training_state.py``);
 * a held-out validation loss under *standard Gaussian* noise on fixed (x0, eps, t) triples (the same for every
   method and run), overall and per timestep band.
 
@@ -24,7 +26,8 @@ Examples::
         --output_dir runs/rater --noise_selection rater --rater_model_name_or_path runs/rater-stage1 \\
         --num_candidate_noises 8 --selection_rule argmax --max_train_steps 20000 --use_ema
 
-Outputs in ``--output_dir``: the ``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``),
+Outputs in ``--output_dir``: the ``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``; with
+``--class_conditional`` a ``noise_rater.ClassConditionalDDPMPipeline`` holding the class names),
 ``samples_final.png``, ``final_metrics.json``, ``plot_loss.png``, ``metrics.jsonl`` (every step),
 ``validation.jsonl``, ``checkpoint-N/`` + ``latest``, ``samples/`` (with ``--save_images_steps``) and
 ``logs/`` (tensorboard).
@@ -163,6 +166,8 @@ def check_args(args) -> None:
         raise UsageError("--noise_selection rater needs --rater_model_name_or_path (a trained NoiseRaterModel).")
     if args.loss_weighting == "rater_soft" and not args.rater_model_name_or_path:
         raise UsageError("--loss_weighting rater_soft needs --rater_model_name_or_path (a trained NoiseRaterModel).")
+    if args.variant is not None and not args.pretrained_model_name_or_path:
+        raise UsageError("--variant selects weights of --pretrained_model_name_or_path; give that too.")
     if args.pretrained_model_name_or_path and args.model_config_name_or_path:
         raise UsageError("Give at most one of --pretrained_model_name_or_path and --model_config_name_or_path.")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):

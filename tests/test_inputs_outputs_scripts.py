@@ -292,3 +292,16 @@ def test_evaluate_pipeline_missing_path(tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --pipeline_path")
+
+
+def test_bad_background_color_is_a_usage_error(stage2, stage1, tmp_path, capsys):
+    assert exit_code(stage2.cli, stage2_args(tmp_path / "o") + ["--background_color", "3,4", "--dry_run"]) == 2
+    assert "--background_color" in capsys.readouterr().err
+    assert stage1.cli(["--dataset_name", "digits", "--output_dir", str(tmp_path / "r"), "--background_color",
+                       "nocolour", "--dry_run"]) == 2
+    assert "not a colour" in capsys.readouterr().err
+
+
+def test_variant_without_pretrained_model(stage2, tmp_path, capsys):
+    assert exit_code(stage2.cli, stage2_args(tmp_path / "o") + ["--variant", "fp16", "--dry_run"]) == 2
+    assert "--pretrained_model_name_or_path" in capsys.readouterr().err
