@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -120,6 +121,22 @@ def _json_safe(obj):
     return obj
 
 
+def _load_pipeline(pipeline_cls, path):
+    """``pipeline_cls.from_pretrained(path)``; a missing folder or unloadable pipeline prints ``error: ...`` and
+    exits 2 (a local-looking path that is not a folder is refused without asking the Hub)."""
+    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1 or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        print(f"error: --pipeline_path {path!r} is not a folder (expected a saved pipeline with model_index.json).",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        return pipeline_cls.from_pretrained(path)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: --pipeline_path {path!r}: cannot load the pipeline ({first})", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(input_args=None):
     args = parse_args(input_args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -128,7 +145,7 @@ def main(input_args=None):
 
     from noise_rater.evaluation import RankDeficientCovarianceWarning, evaluate_pipeline, make_eval_triples
 
-    pipe = DDPMPipeline.from_pretrained(args.pipeline_path)
+    pipe = _load_pipeline(DDPMPipeline, args.pipeline_path)
     unet_cfg = pipe.unet.config
     sample_size = unet_cfg.sample_size
     resolution = args.resolution or (sample_size if isinstance(sample_size, int) else int(sample_size[0]))

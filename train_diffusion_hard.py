@@ -11,7 +11,9 @@ at the end. What is different:
   frozen NoiseRater (``rater``; ``--selection_rule`` argmax / softmax / importance);
 * optional per-sample loss weights (``--loss_weighting``): Min-SNR-gamma, or soft weights from the rater's scores;
 * the data stream is exactly resumable and checkpoints hold every RNG state, so a run stopped at step k and
-  resumed with ``--resume_from_checkpoint latest`` ends bit-identical (on CPU) to an uninterrupted run;
+  resumed with ``--resume_from_checkpoint latest`` ends bit-identical (on CPU) to an uninterrupted run; resumed
+  with another ``--train_batch_size`` or number of processes it continues at the samples seen, with a warning
+  (see ``noise_rater/training_state.py``);
 * a held-out validation loss under *standard Gaussian* noise on fixed (x0, eps, t) triples (the same for every
   method and run), overall and per timestep band.
 
@@ -24,7 +26,8 @@ Examples::
         --output_dir runs/rater --noise_selection rater --rater_model_name_or_path runs/rater-stage1 \\
         --num_candidate_noises 8 --selection_rule argmax --max_train_steps 20000 --use_ema
 
-Outputs in ``--output_dir``: the ``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``),
+Outputs in ``--output_dir``: the ``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``; with
+``--class_conditional`` a ``noise_rater.ClassConditionalDDPMPipeline`` holding the class names),
 ``samples_final.png``, ``final_metrics.json``, ``plot_loss.png``, ``metrics.jsonl`` (every step),
 ``validation.jsonl``, ``checkpoint-N/`` + ``latest``, ``samples/`` (with ``--save_images_steps``) and
 ``logs/`` (tensorboard).
@@ -40,24 +43,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from noise_rater.checkpointing import (
-    CheckpointError,
-    capture_rng_state,
-    load_module_state,
-    load_torch_state,
-    resolve_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    save_module_state,
-    save_torch_state,
-)
+from noise_rater.checkpointing import CheckpointError, resolve_checkpoint
 from noise_rater.data import BUILTIN_DATASETS, DataError, ResumableBatches, prepare_datasets
 from noise_rater.evaluation.validation import make_validation_triples, run_validation
 from noise_rater.data_workers import WorkerBatches
 from noise_rater.training import LOSS_WEIGHTINGS, NoiseGenerators, build_selector_and_rater, training_step
+from noise_rater.training_state import load_training_state as load_state
+from noise_rater.training_state import save_training_state as save_state
 from noise_rater.training_utils import (
     SkipCounter,
     UsageError,
@@ -65,16 +59,19 @@ from noise_rater.training_utils import (
     add_diffusion_args,
     add_run_args,
     append_jsonl,
-    read_jsonl,
     truncate_jsonl,
     check_positive,
     grad_norm,
+    check_resolution,
+    default_unet_config,
     nonfinite_error,
     load_json_config,
+    preflight_push_to_hub,
     resolve_unet_config,
     validate_common_args,
     write_json,
 )
+from noise_rater.visualization import class_grid_labels, plot_losses, sample_images, save_image_grid
 
 SCRIPT_NAME = "train_diffusion_hard"
 NOISE_SELECTIONS = ("uniform", "rater", "knn", "assignment", "oracle")
@@ -104,6 +101,9 @@ def parse_args(input_args=None):
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="Fine-tune an existing DDPMPipeline (folder or hub id; its unet/) or a UNet2DModel folder.")
+    g.add_argument("--variant", type=str, default=None,
+                   help="Load the pretrained UNet's variant weights, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
+                        "(loaded in float32 for training).")
     g.add_argument("--num_channels", type=int, default=None, choices=[1, 3],
                    help="Image channels; default: the model config's in_channels, else 1 for the built-in data sets "
                         f"({', '.join(BUILTIN_DATASETS)}) and 3 otherwise.")
@@ -189,6 +189,8 @@ def check_args(args) -> None:
         raise UsageError("--noise_selection rater needs --rater_model_name_or_path (a trained NoiseRaterModel).")
     if args.loss_weighting == "rater_soft" and not args.rater_model_name_or_path:
         raise UsageError("--loss_weighting rater_soft needs --rater_model_name_or_path (a trained NoiseRaterModel).")
+    if args.variant is not None and not args.pretrained_model_name_or_path:
+        raise UsageError("--variant selects weights of --pretrained_model_name_or_path; give that too.")
     if args.pretrained_model_name_or_path and args.model_config_name_or_path:
         raise UsageError("Give at most one of --pretrained_model_name_or_path and --model_config_name_or_path.")
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
@@ -214,10 +216,46 @@ def _pretrained_unet_location(path: str):
     raise UsageError(f"--pretrained_model_name_or_path {path!r}: no UNet2DModel found (not a folder, not reachable).")
 
 
+def _weight_variants(folder: str):
+    """``(has plain weights, sorted variant names)`` of a local model folder (``diffusion_pytorch_model.<v>.<ext>``)."""
+    plain, variants = False, set()
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            parts = name.split(".")
+            if parts[0] != "diffusion_pytorch_model" or parts[-1] not in ("safetensors", "bin"):
+                continue
+            if len(parts) == 2 or (len(parts) == 3 and parts[1].endswith("index")):
+                plain = True
+            elif len(parts) >= 3:
+                variants.add(parts[1])
+    return plain, sorted(variants)
+
+
+def check_variant(args, path, sub) -> None:
+    """A local UNet folder must hold the weights ``--variant`` asks for; fp16-only folders need ``--variant fp16``."""
+    folder = os.path.join(path, sub) if sub else path
+    if not os.path.isdir(folder):
+        return  # a hub id: diffusers reports a missing variant itself
+    plain, variants = _weight_variants(folder)
+    if args.variant is None and not plain and variants:
+        raise UsageError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: {folder} holds only the variant "
+            f"weight(s) {', '.join(variants)} (e.g. diffusion_pytorch_model.{variants[0]}.safetensors); "
+            f"pass --variant {variants[0]}."
+        )
+    if args.variant is not None and args.variant not in variants:
+        have = ", ".join(variants) if variants else "none"
+        raise UsageError(
+            f"--variant {args.variant}: {folder} has no diffusion_pytorch_model.{args.variant}.* weights "
+            f"(variants found: {have}" + ("; it has plain weights, so drop --variant" if plain else "") + ")."
+        )
+
+
 def _pretrained_unet_config(args) -> dict:
     from diffusers import UNet2DModel
 
     path, sub = _pretrained_unet_location(args.pretrained_model_name_or_path)
+    check_variant(args, path, sub)
     try:
         return dict(UNet2DModel.load_config(path, subfolder=sub))
     except (OSError, ValueError) as e:
@@ -253,6 +291,9 @@ def resolve_shapes(args):
     if resolution is None:
         size = base.get("sample_size") if base else None
         resolution = int(size if isinstance(size, int) else (size[0] if size else 28))
+    what = ("the pretrained UNet" if args.pretrained_model_name_or_path else
+            "the UNet of --model_config_name_or_path" if args.model_config_name_or_path else "the default UNet")
+    check_resolution(resolution, base if base is not None else default_unet_config(resolution, channels), what)
     return channels, resolution, base
 
 
@@ -280,7 +321,7 @@ def dry_run_config(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small helpers: RNG isolation, JSONL bookkeeping, grids, plots
+# Small helpers: RNG isolation
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -301,104 +342,6 @@ def _finite_or_none(x):
     return x if x is not None and math.isfinite(x) else None
 
 
-@torch.no_grad()
-def sample_images(unet, scheduler_config, num_images, *, num_inference_steps, seed, batch_size, class_labels=None):
-    """DDIM (eta = 0) samples from ``unet``, as ``DDPMPipeline`` with a DDIM scheduler does, plus class labels.
-
-    Returns float32 `(N, C, H, W)` in [0, 1] on CPU. Uses its own CPU generator seeded with ``seed``.
-    """
-    from diffusers import DDIMScheduler
-    from diffusers.utils.torch_utils import randn_tensor
-
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps)
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    size = unet.config.sample_size
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    was_training = unet.training
-    unet.eval()
-    out = []
-    try:
-        for start in range(0, num_images, batch_size):
-            bs = min(batch_size, num_images - start)
-            image = randn_tensor((bs, unet.config.in_channels) + hw, generator=generator, device=device, dtype=dtype)
-            labels = None if class_labels is None else class_labels[start:start + bs].to(device)
-            for t in scheduler.timesteps:
-                if labels is None:
-                    model_output = unet(image, t).sample
-                else:
-                    model_output = unet(image, t, class_labels=labels).sample
-                image = scheduler.step(model_output, t, image, generator=generator).prev_sample
-            out.append((image / 2 + 0.5).clamp(0, 1).float().cpu())
-    finally:
-        if was_training:
-            unet.train()
-    return torch.cat(out)
-
-
-def save_image_grid(images01: torch.Tensor, path: str) -> None:
-    """`(N, C, H, W)` in [0, 1] -> one PNG grid (ceil(sqrt(N)) columns, 2 px padding), enlarged with
-    nearest-neighbour to at least 256 px wide so that small images (8x8 digits) stay visible."""
-    from PIL import Image
-
-    n, c, h, w = images01.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    pad = 2
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
-    arr = (images01.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = arr[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
-    scale = max(1, int(math.ceil(256 / img.width)))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-
-
-def plot_losses(output_dir: str, path: str) -> None:
-    """Train loss (raw and smoothed) and validation loss vs step, from metrics.jsonl / validation.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
-             if r.get("loss") is not None]
-    val = read_jsonl(os.path.join(output_dir, "validation.jsonl"))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if train:
-        steps = np.array([s for s, _ in train])
-        losses = np.array([v for _, v in train])
-        window = max(1, min(100, len(losses) // 20))
-        ax.plot(steps, losses, color="tab:blue", alpha=0.25 if window > 1 else 1.0, lw=0.8, label="train loss")
-        if window > 1:
-            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=1.5, label=f"train loss ({window}-step mean)")
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:red",
-                label="validation loss" + (" (EMA)" if "val_loss_raw" in val[0] else ""))
-        if "val_loss_raw" in val[0]:
-            ax.plot([r["step"] for r in val], [r["val_loss_raw"] for r in val], "s--", color="tab:orange",
-                    label="validation loss (raw weights)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("diffusion loss")
-    if train or val:
-        vals = [v for _, v in train] + [r["val_loss"] for r in val]
-        if vals and min(vals) > 0:
-            ax.set_yscale("log")
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,7 +353,7 @@ def build_unet(args, channels, resolution, num_classes):
     if args.pretrained_model_name_or_path:
         path, sub = _pretrained_unet_location(args.pretrained_model_name_or_path)
         try:
-            unet = UNet2DModel.from_pretrained(path, subfolder=sub)
+            unet = UNet2DModel.from_pretrained(path, subfolder=sub, variant=args.variant, torch_dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise UsageError(f"--pretrained_model_name_or_path {path!r}: cannot load the UNet ({e}).") from None
         if unet.config.in_channels != channels:
@@ -441,74 +384,18 @@ def build_unet(args, channels, resolution, num_classes):
 
 
 def save_training_state(args, accelerator, step, unet, ema, optimizer, lr_scheduler, generators, batches, extra):
-    """Checkpoint ``output_dir/checkpoint-{step}``. Called on EVERY process (the RNG/data states are gathered);
-    only the main process writes, the others wait."""
-    from accelerate.utils import gather_object
-
-    rng_states = gather_object([capture_rng_state(generators.as_dict())])  # the step's three CPU streams
-    data_states = gather_object([batches.state_dict()])
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-
-        def write_fn(tmp):
-            save_module_state(model, os.path.join(tmp, "unet.safetensors"))
-            if ema is not None:
-                save_torch_state(ema.state_dict(), os.path.join(tmp, "ema.pt"))
-            save_torch_state(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            save_torch_state(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
-            if accelerator.scaler is not None:  # fp16 loss scaling
-                save_torch_state(accelerator.scaler.state_dict(), os.path.join(tmp, "grad_scaler.pt"))
-            for rank, state in enumerate(rng_states):
-                save_torch_state(state, os.path.join(tmp, f"rng_rank{rank}.pt"))
-            write_json(os.path.join(tmp, "training_state.json"),
-                       dict(extra, step=step, num_processes=accelerator.num_processes, data=data_states))
-            write_json(os.path.join(tmp, "args.json"), vars(args))
-
-        path = save_checkpoint(
-            args.output_dir, step, write_fn, total_limit=args.checkpoints_total_limit,
-            metadata={"script": SCRIPT_NAME, "step": step, "num_processes": accelerator.num_processes,
-                      "noise_selection": args.noise_selection, "loss_weighting": args.loss_weighting,
-                      "use_ema": bool(args.use_ema)},
-        )
-        logging.getLogger(SCRIPT_NAME).info("Saved checkpoint %s", path)
-    accelerator.wait_for_everyone()
+    """Checkpoint ``output_dir/checkpoint-{step}`` (call on every process); see :mod:`noise_rater.training_state`."""
+    save_state(args.output_dir, step, accelerator=accelerator, unet=unet, ema=ema, optimizer=optimizer,
+               lr_scheduler=lr_scheduler, generators=generators.as_dict(), batches=batches, extra=extra, run_args=vars(args),
+               total_limit=args.checkpoints_total_limit,
+               metadata={"script": SCRIPT_NAME, "noise_selection": args.noise_selection,
+                         "loss_weighting": args.loss_weighting, "use_ema": bool(args.use_ema)})
 
 
 def load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, generators, batches):
-    """Restore everything :func:`save_training_state` wrote (on every process); returns the extra state dict."""
-    with open(os.path.join(path, "training_state.json")) as f:
-        state = json.load(f)
-    if state["num_processes"] != accelerator.num_processes:
-        raise CheckpointError(
-            f"Checkpoint {path} was written by {state['num_processes']} process(es); this run has "
-            f"{accelerator.num_processes}. Resume with the same number of processes."
-        )
-    rank = accelerator.process_index
-    load_module_state(accelerator.unwrap_model(unet), os.path.join(path, "unet.safetensors"))
-    if ema is not None:
-        ema_file = os.path.join(path, "ema.pt")
-        if not os.path.isfile(ema_file):
-            raise CheckpointError(f"Checkpoint {path} has no EMA state (ema.pt) but this run uses --use_ema.")
-        try:
-            ema.load_state_dict(load_torch_state(ema_file))
-        except ValueError as e:
-            raise CheckpointError(f"EMA state {ema_file} is malformed: {e}") from e
-        ema.to(accelerator.device)
-    try:
-        optimizer.load_state_dict(load_torch_state(os.path.join(path, "optimizer.pt")))
-        lr_scheduler.load_state_dict(load_torch_state(os.path.join(path, "lr_scheduler.pt")))
-        scaler_file = os.path.join(path, "grad_scaler.pt")
-        if accelerator.scaler is not None and os.path.isfile(scaler_file):
-            accelerator.scaler.load_state_dict(load_torch_state(scaler_file))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"Optimizer / lr scheduler state in {path} does not fit this run: {e}") from e
-    batches.load_state_dict(state["data"][rank])
-    rng = load_torch_state(os.path.join(path, f"rng_rank{rank}.pt"))
-    missing = [name for name in generators.as_dict() if name not in rng.get("generators", {})]
-    if missing:
-        raise CheckpointError(f"Checkpoint {path} has no state for the RNG stream(s) {missing} (older format).")
-    restore_rng_state(rng, generators.as_dict())
-    return state
+    """Restore a checkpoint on every process (elastic across batch sizes and process counts); returns its state."""
+    return load_state(path, accelerator=accelerator, unet=unet, ema=ema, optimizer=optimizer,
+                      lr_scheduler=lr_scheduler, generators=generators.as_dict(), batches=batches)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -516,22 +403,26 @@ def load_training_state(path, accelerator, unet, ema, optimizer, lr_scheduler, g
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_grid(args, model, ema, noise_scheduler, num_classes, path, step, accelerator):
-    labels = None
+def save_grid(args, model, ema, noise_scheduler, num_classes, path, step, accelerator, class_names=None):
+    """Sample a grid (with EMA weights if given) and save it; class-conditional grids hold one labelled row per
+    class."""
+    labels, ncols, row_labels = None, None, None
     if args.class_conditional:
-        labels = torch.arange(NUM_GRID_IMAGES) % num_classes
+        labels, ncols = class_grid_labels(num_classes, NUM_GRID_IMAGES)
+        rows = int(labels.max()) + 1
+        row_labels = [class_names[r] if class_names else str(r) for r in range(rows)]
     with isolated_torch_rng():
         if ema is not None:
             ema.store(model.parameters())
             ema.copy_to(model.parameters())
         try:
-            images = sample_images(model, noise_scheduler.config, NUM_GRID_IMAGES,
+            images = sample_images(model, noise_scheduler.config, NUM_GRID_IMAGES if labels is None else len(labels),
                                    num_inference_steps=args.num_inference_steps, seed=args.seed,
                                    batch_size=args.eval_batch_size, class_labels=labels)
         finally:
             if ema is not None:
                 ema.restore(model.parameters())
-    save_image_grid(images, path)
+    save_image_grid(images, path, ncols=ncols, row_labels=row_labels)
     if args.report_to in ("tensorboard", "all"):
         try:
             writer = accelerator.get_tracker("tensorboard", unwrap=True)
@@ -572,6 +463,8 @@ def main(args):
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    from noise_rater.pipelines import ClassConditionalDDPMPipeline
+
     start_wall = time.perf_counter()
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     # `accelerate launch --multi_gpu` (torchrun) on a machine without CUDA: run the processes on CPU (gloo)
@@ -606,6 +499,7 @@ def main(args):
         validation_split=args.validation_split, seed=args.seed, max_train_samples=args.max_train_samples,
         cache_dir=args.cache_dir, image_column=args.image_column, label_column=args.label_column,
         use_labels=args.class_conditional, allow_mixed_channels=args.allow_mixed_channels,
+        background_color=args.background_color,
     )
     log.info("Data: %s", splits.description)
     batches = ResumableBatches(splits.train, args.train_batch_size, seed=args.seed,
@@ -613,7 +507,7 @@ def main(args):
     if args.dataloader_num_workers > 0:
         batches = WorkerBatches(batches, args.dataloader_num_workers)
     accum = args.gradient_accumulation_steps
-    max_train_steps = args.max_train_steps or args.num_epochs * math.ceil(batches.batches_per_epoch / accum)
+    max_train_steps = args.max_train_steps or math.ceil(batches.steps_for_epochs(args.num_epochs) / accum)
     if args.lr_warmup_steps >= max_train_steps:
         log.warning("--lr_warmup_steps %d >= %d training steps: the learning rate never leaves warm-up.",
                     args.lr_warmup_steps, max_train_steps)
@@ -626,7 +520,7 @@ def main(args):
         args.noise_selection, num_candidates=args.num_candidate_noises, loss_weighting=args.loss_weighting,
         rater_model_name_or_path=args.rater_model_name_or_path, selection_rule=args.selection_rule,
         selection_temperature=args.selection_temperature, in_channels=channels,
-        class_conditional=args.class_conditional, device=device)
+        class_conditional=args.class_conditional, resolution=resolution, device=device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
@@ -794,7 +688,7 @@ def main(args):
                 if grid_due and global_step != max_train_steps:
                     save_grid(args, accelerator.unwrap_model(unet), ema, noise_scheduler, splits.num_classes,
                               os.path.join(args.output_dir, "samples", f"samples_step{global_step:06d}.png"),
-                              global_step, accelerator)
+                              global_step, accelerator, splits.class_names)
             accelerator.wait_for_everyone()
     finally:
         progress_bar.close()
@@ -810,10 +704,14 @@ def main(args):
         if ema is not None:
             ema.copy_to(model.parameters())
         step_time = totals["select_time_s"] + totals["train_time_s"]  # over all steps, resumed runs included
-        pipeline = DDPMPipeline(unet=model, scheduler=noise_scheduler)
+        if args.class_conditional:  # generates with pipe(class_labels=[...]); class names in model_index.json
+            pipeline = ClassConditionalDDPMPipeline(unet=model, scheduler=noise_scheduler,
+                                                    class_names=splits.class_names)
+        else:
+            pipeline = DDPMPipeline(unet=model, scheduler=noise_scheduler)
         pipeline.save_pretrained(args.output_dir)
         save_grid(args, model, None, noise_scheduler, splits.num_classes,
-                  os.path.join(args.output_dir, "samples_final.png"), global_step, accelerator)
+                  os.path.join(args.output_dir, "samples_final.png"), global_step, accelerator, splits.class_names)
         final = {
             "final_val_loss": last_val["val_loss"],
             **{k.replace("val_loss", "final_val_loss"): v for k, v in last_val.items()
@@ -861,6 +759,7 @@ def cli(input_args=None) -> None:
         if args.dry_run:
             print(json.dumps(dry_run_config(args), indent=2, sort_keys=True, default=str))
             return
+        preflight_push_to_hub(args)
         main(args)
     except FloatingPointError as e:  # NonFiniteError and non-finite rater scores
         print(f"error: {e}", file=sys.stderr)

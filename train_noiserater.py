@@ -49,7 +49,9 @@ from noise_rater.training_utils import (
     read_jsonl,
     truncate_jsonl,
     check_positive,
+    check_resolution,
     load_json_config,
+    preflight_push_to_hub,
     resolve_unet_config,
     validate_common_args,
     write_json,
@@ -277,6 +279,12 @@ def plot_rater(rater, x0, num_train_timesteps, path, class_labels=None, seed=0):
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
+    # a resolution the UNet cannot divide is refused before any data or model (also with --dry_run)
+    check_resolution(args.resolution or 28,
+                     resolve_unet_config(args.model_config_name_or_path, args.resolution or 28, _channels(args), None),
+                     "the UNet of --model_config_name_or_path" if args.model_config_name_or_path else "the default UNet")
+    if not args.dry_run:
+        preflight_push_to_hub(args)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler, UNet2DModel
@@ -289,6 +297,7 @@ def main(argv=None):
         validation_split=args.validation_split, seed=args.seed, max_train_samples=args.max_train_samples,
         cache_dir=args.cache_dir, image_column=args.image_column, label_column=args.label_column,
         use_labels=args.class_conditional, allow_mixed_channels=args.allow_mixed_channels,
+        background_color=args.background_color,
     )
     args.resolution = splits.resolution
     unet_cfg = resolve_unet_config(args.model_config_name_or_path, args.resolution, splits.num_channels,

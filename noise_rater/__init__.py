@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .modeling_noise_rater import NoiseRaterModel, NoiseRaterOutput
+from .pipelines import ClassConditionalDDPMPipeline
 from .sampling import (
     AssignmentNoiseSampler,
     KNNNoiseSampler,
@@ -14,6 +15,7 @@ from .valuation import OracleNoiseSelector, one_step_influence, valuation_accura
 from .weighting import candidate_soft_weights, compute_snr, min_snr_weights, soft_weights
 
 __all__ = [
+    "ClassConditionalDDPMPipeline",
     "NoiseRaterModel",
     "NoiseRaterOutput",
     "NoiseSelectingSampler",

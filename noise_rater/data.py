@@ -56,6 +56,12 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
     "DatasetSplits",
+    "DEFAULT_BACKGROUND",
+    "decode_image",
+    "explain_missing_folder_labels",
+    "has_transparency",
+    "is_grey_image",
+    "parse_background_color",
     "preflight_image_folder",
     "prepare_datasets",
     "make_dataloader",
@@ -79,6 +85,137 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
 
+_CLASS_NAMES = {
+    "digits": tuple(str(d) for d in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding: high bit depth, transparency, palettes
+# ----------------------------------------------------------------------------------------------
+
+#: Background that transparent pixels are composited onto unless told otherwise (RGB, 0..255).
+DEFAULT_BACKGROUND = (255, 255, 255)
+
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def parse_background_color(spec) -> Tuple[int, int, int]:
+    """``"white"``, ``"black"``, any colour name or ``#rrggbb`` PIL knows, or ``"R,G,B"`` (0..255) -> `(R, G, B)`.
+
+    Raises:
+        DataError: the value is not a colour.
+    """
+    if isinstance(spec, (tuple, list)) and len(spec) == 3:
+        values = tuple(spec)
+    else:
+        text = str(spec).strip()
+        if "," in text and not text.lower().startswith(("rgb", "hsl", "hsv")):
+            try:
+                values = tuple(int(v) for v in text.split(","))
+            except ValueError:
+                values = ()
+        else:
+            from PIL import ImageColor
+
+            try:
+                values = ImageColor.getrgb(text)[:3]
+            except ValueError:
+                values = ()
+    if len(values) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in values):
+        raise DataError(
+            f"background colour {spec!r} is not a colour: use a name (white, black, ...), #rrggbb or R,G,B in 0..255."
+        )
+    return tuple(int(v) for v in values)
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """True for modes with an alpha band (RGBA, LA, PA, ...) and for images with a ``transparency`` entry
+    (palette images with a tRNS entry, or a transparent colour key in L / RGB)."""
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def is_grey_image(image: Image.Image) -> bool:
+    """True for grey modes (1, L, LA, I;16, I, F) and for palette images whose used colours are all grey."""
+    if image.mode in _GREY_MODES:
+        return True
+    if image.mode in ("P", "PA"):
+        palette = image.getpalette() or []
+        colours = image.getcolors(maxcolors=256) if image.mode == "P" else image.getchannel(0).getcolors(256)
+        used = [index for _, index in (colours or [])]
+        for index in used:
+            r, g, b = palette[3 * index: 3 * index + 3] or (0, 0, 0)
+            if not r == g == b:
+                return False
+        return True
+    return False
+
+
+def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    """A high-bit-depth grey image -> 8-bit ``"L"``, scaled by the range of its type, never clipped.
+
+    * ``I;16*`` (16-bit unsigned): v8 = round(v16 / 257), i.e. 0..65535 -> 0..255 (65535 = 255 * 257).
+    * ``I`` (32-bit signed integers): Pillow's mode for 16-bit data in several formats (TIFF, PGM);
+      the range 0..65535 is assumed and scaled like ``I;16``. A pixel outside it raises, since no
+      range of the type itself (-2^31..2^31-1) would give a visible image.
+    * ``F`` (32-bit float): the range 0..1 is assumed (v8 = round(255 v)); a pixel outside raises.
+
+    Raises:
+        DataError: pixel values outside the assumed range (the message gives the range found).
+    """
+    array = np.asarray(image)
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+        low, high, scale = 0, 65535, 257.0
+    else:  # "F"
+        low, high, scale = 0.0, 1.0, 1.0 / 255.0
+    found_min, found_max = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if not (np.isfinite(found_min) and np.isfinite(found_max)) or found_min < low or found_max > high:
+        raise DataError(
+            f"mode {image.mode!r} pixel values span {found_min:g}..{found_max:g}, outside the assumed range "
+            f"{low}..{high}; rescale the image to 8 or 16 bits (nothing is clipped)."
+        )
+    return Image.fromarray(np.rint(array.astype(np.float64) / scale).astype(np.uint8), mode="L")
+
+
+def decode_image(image: Image.Image, mode: str,
+                 background: Tuple[int, int, int] = DEFAULT_BACKGROUND) -> Tuple[Image.Image, bool]:
+    """Convert a PIL image to the 8-bit ``mode`` the model uses (``"L"`` or ``"RGB"``) keeping the pixels' meaning.
+
+    * high-bit-depth grey modes are scaled by their range (see :func:`_high_bit_depth_to_l`), not clipped
+      as ``Image.convert`` does (it maps every 16-bit value above 255 to 255);
+    * images with transparency (:func:`has_transparency`) are alpha-composited onto ``background``
+      (``out = a * colour + (1 - a) * background``, Porter & Duff "over"), so a transparent pixel
+      shows the background instead of whatever colour it happens to store;
+    * everything else goes through ``Image.convert(mode)`` (grey -> RGB repeats the grey; RGB -> L
+      uses ITU-R 601-2 luma).
+
+    Args:
+        image: any image Pillow opened.
+        mode: ``"L"`` or ``"RGB"``.
+        background: `(R, G, B)` in 0..255 for transparent pixels (converted to luma for ``"L"``).
+
+    Returns:
+        ``(image in mode, composited)``, ``composited`` True when transparency was flattened.
+
+    Raises:
+        DataError: pixel values outside the assumed range of a high-bit-depth mode.
+    """
+    composited = False
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = _high_bit_depth_to_l(image)
+    elif has_transparency(image):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        image = Image.alpha_composite(canvas, rgba).convert("RGB")
+        composited = True
+    if image.mode != mode:
+        image = image.convert(mode)
+    return image, composited
+
 
 # ----------------------------------------------------------------------------------------------
 # Image folder preflight
@@ -90,26 +227,27 @@ def _is_skipped_name(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
-
-
 def preflight_image_folder(path, expected_channels: Optional[int] = None,
-                           allow_mixed_channels: bool = False) -> List[str]:
+                           allow_mixed_channels: bool = False,
+                           background_color=DEFAULT_BACKGROUND) -> List[str]:
     """Check an image folder before any model is built, and list its images.
 
     Walks ``path`` recursively (skipping hidden ``.x`` and special ``__x`` files and folders, as
     ``datasets`` does). Files with an image extension (:data:`IMAGE_EXTENSIONS`, any case) must be
-    non-empty and fully loadable by PIL (``Image.open(...).load()``); other files (``.txt``,
-    ``metadata.csv``, ...) are ignored. With ``expected_channels`` (1 or 3), every image must also
-    convert to ``"L"`` / ``"RGB"`` (images are converted when loaded, so any convertible mode is fine).
-    A folder that mixes grey and colour images (e.g. some ``"L"``, some ``"RGB"``) is an error, since it
-    is usually a data bug; with ``allow_mixed_channels=True`` it is only logged and every image is
-    converted to ``expected_channels``. Other mixed modes (``"RGB"`` and ``"RGBA"``) are logged.
+    non-empty, fully loadable by PIL (``Image.open(...).load()``) and decodable by :func:`decode_image`
+    to the model's mode (high-bit-depth values in range); other files (``.txt``, ``metadata.csv``,
+    ...) are ignored. A folder that mixes grey and colour images (e.g. some ``"L"``, some ``"RGB"``;
+    palette images whose colours are all grey count as grey) is an error, since it is usually a data
+    bug; with ``allow_mixed_channels=True`` it is only logged and every image is converted to
+    ``expected_channels``. Logged as warnings: other mixed modes (``"RGB"`` and ``"RGBA"``), how many
+    images have transparency (composited onto ``background_color``), and, with
+    ``expected_channels=3``, a folder whose images are all grey (3 identical channels).
 
     Args:
         path (`str` or `os.PathLike`): the folder.
         expected_channels (`int`, *optional*): channels the model is configured for (1 or 3).
         allow_mixed_channels (`bool`): accept a mix of grey and colour images (converted when loaded).
+        background_color: what transparent pixels are composited onto (see :func:`parse_background_color`).
 
     Returns:
         `List[str]`: the sorted paths of all image files.
@@ -120,30 +258,24 @@ def preflight_image_folder(path, expected_channels: Optional[int] = None,
     """
     if expected_channels is not None and expected_channels not in _MODE_FOR_CHANNELS:
         raise DataError(f"expected_channels must be 1 or 3 (or None), got {expected_channels!r}.")
+    background = parse_background_color(background_color)
     root = os.fspath(path)
     if not os.path.exists(root):
         raise DataError(f"Training data folder does not exist: {root}")
     if not os.path.isdir(root):
         raise DataError(f"Training data path is not a folder: {root}")
 
-    candidates, ignored = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _is_skipped_name(d))
-        for name in filenames:
-            if _is_skipped_name(name):
-                continue
-            full = os.path.join(dirpath, name)
-            (candidates if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(full)
-    candidates.sort()
-
+    candidates, ignored = _walk_folder(root)
     target_mode = _MODE_FOR_CHANNELS.get(expected_channels)
-    good, bad, modes, grey_files, colour_files = [], [], Counter(), [], []
+    good, bad, modes, grey_files, colour_files, composited = [], [], Counter(), [], [], []
     for file in candidates:
-        problem, mode = _check_image_file(file, target_mode)
+        problem, info = _check_image_file(file, target_mode, background)
         if problem is None:
             good.append(file)
-            modes[mode] += 1
-            (grey_files if mode in _GREY_MODES else colour_files).append(file)
+            modes[info["mode"]] += 1
+            (grey_files if info["grey"] else colour_files).append(file)
+            if info["transparent"]:
+                composited.append(file)
         else:
             bad.append(f"{file}: {problem}")
 
@@ -174,25 +306,75 @@ def preflight_image_folder(path, expected_channels: Optional[int] = None,
         summary = ", ".join(f"{count} {mode!r}" for mode, count in sorted(modes.items()))
         target = f"; all are converted to {target_mode!r}" if target_mode else ""
         logger.warning("Image folder %s mixes image modes (%s)%s.", root, summary, target)
+    if composited:
+        logger.warning("Image folder %s: %d of %d image(s) have transparency and are composited onto the "
+                       "background colour RGB%s (--background_color), e.g. %s.", root, len(composited), len(good),
+                       background, composited[0])
+    if expected_channels == 3 and not colour_files:
+        logger.warning("Image folder %s: all %d image(s) are grey; training on 3 identical channels. A 1-channel "
+                       "model (--num_channels 1, or in_channels=1 in the model config) learns the same images at a "
+                       "third of the input size.", root, len(good))
     return good
 
 
-def _check_image_file(file: str, target_mode: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
-    """Return ``(why file is not a usable image or None, its PIL mode or None)``."""
+def _walk_folder(root: str) -> Tuple[List[str], List[str]]:
+    """(sorted image files, other files) under ``root``, skipping hidden / special names."""
+    candidates, ignored = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _is_skipped_name(d))
+        for name in filenames:
+            if _is_skipped_name(name):
+                continue
+            full = os.path.join(dirpath, name)
+            (candidates if name.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(full)
+    return sorted(candidates), sorted(ignored)
+
+
+def explain_missing_folder_labels(root) -> str:
+    """Why ``datasets``' imagefolder infers no class labels for ``root`` (a sentence naming the files at fault).
+
+    ``datasets`` labels images by their parent folder only when every image lies at the same depth
+    and there are at least two such folders (and no metadata file).
+    """
+    root = os.fspath(root)
+    images, others = _walk_folder(root)
+    metadata = [f for f in others if os.path.basename(f) in ("metadata.csv", "metadata.jsonl", "metadata.parquet")]
+    if metadata:
+        return f"{metadata[0]} is a metadata file, so labels are not taken from folder names"
+    depth = Counter(os.path.relpath(f, root).count(os.sep) for f in images)
+    if len(depth) > 1:
+        shallow = min(depth)
+        strays = [f for f in images if os.path.relpath(f, root).count(os.sep) == shallow]
+        where = "at the top level of" if shallow == 0 else f"{shallow} folder level(s) deep in"
+        listing = ", ".join(strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
+        return (f"the image(s) {listing} lie {where} {root} while others are in class sub-folders; labels are "
+                "inferred only when every image is in a class folder at the same depth. Move or remove them")
+    classes = {os.path.dirname(f) for f in images}
+    if len(classes) < 2:
+        return (f"all images of {root} are in one folder ({next(iter(classes), root)}); put each class in its own "
+                "sub-folder (at least two)")
+    return "the folder layout gives no class labels"
+
+
+def _check_image_file(file: str, target_mode: Optional[str],
+                      background=DEFAULT_BACKGROUND) -> Tuple[Optional[str], Optional[dict]]:
+    """Return ``(why file is not a usable image or None, {"mode", "grey", "transparent"} or None)``."""
     try:
         if os.path.getsize(file) == 0:
             return "empty file (0 bytes)", None
         with Image.open(file) as im:
             im.load()
-            mode = im.mode
-            if target_mode is not None and mode != target_mode:
-                try:
-                    im.convert(target_mode)
-                except Exception as e:  # noqa: BLE001 - any PIL failure is a data problem
-                    return f"mode {mode!r} cannot be converted to {target_mode!r} ({type(e).__name__}: {e})", mode
+            info = {"mode": im.mode, "grey": is_grey_image(im), "transparent": has_transparency(im)}
+            try:
+                decode_image(im, target_mode or ("L" if info["grey"] else "RGB"), background)
+            except DataError as e:
+                return str(e), info
+            except Exception as e:  # noqa: BLE001 - any PIL failure is a data problem
+                return (f"mode {im.mode!r} cannot be converted to {target_mode or 'RGB'!r} "
+                        f"({type(e).__name__}: {e})"), info
     except Exception as e:  # noqa: BLE001 - any PIL failure is a data problem
         return f"cannot be read as an image ({type(e).__name__}: {e})", None
-    return None, mode
+    return None, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,10 +420,10 @@ def _resize_center_crop_uint8(images: torch.Tensor, resolution: int, chunk: int 
     return images[..., top : top + resolution, left : left + resolution].contiguous()
 
 
-def _preprocess_pil(image: Image.Image, resolution: int, mode: str) -> torch.Tensor:
-    """PIL image -> uint8 `(C, res, res)`: convert(mode) -> Resize(res, bilinear) -> CenterCrop(res)."""
-    if image.mode != mode:
-        image = image.convert(mode)
+def _preprocess_pil(image: Image.Image, resolution: int, mode: str,
+                    background: Tuple[int, int, int] = DEFAULT_BACKGROUND) -> torch.Tensor:
+    """PIL image -> uint8 `(C, res, res)`: :func:`decode_image` -> Resize(res, bilinear) -> CenterCrop(res)."""
+    image, _ = decode_image(image, mode, background)
     w, h = image.size
     new_h, new_w = _resized_size(h, w, resolution)
     if (new_h, new_w) != (h, w):
@@ -300,7 +482,9 @@ class _HFImageDataset(torch.utils.data.Dataset):
         resolution: int,
         mode: str,
         random_flip: bool,
+        background: Tuple[int, int, int] = DEFAULT_BACKGROUND,
     ):
+        self.background = background
         self.hf_dataset = hf_dataset.select_columns([image_column])
         self.image_column = image_column
         self.indices = indices
@@ -316,7 +500,7 @@ class _HFImageDataset(torch.utils.data.Dataset):
         row = int(self.indices[index])
         value = self.hf_dataset[row][self.image_column]
         try:
-            x = _preprocess_pil(_as_pil(value), self.resolution, self.mode)
+            x = _preprocess_pil(_as_pil(value), self.resolution, self.mode, self.background)
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - report which row failed
@@ -342,8 +526,11 @@ def _as_pil(value: Any) -> Image.Image:
         image.load()
         return image
     array = np.asarray(value)
+    if array.dtype == np.uint16 and array.ndim == 2:
+        return Image.fromarray(array)  # mode "I;16", scaled by decode_image
     if array.dtype != np.uint8:
-        raise DataError(f"expected a PIL image or a uint8 array, got {type(value).__name__} of {array.dtype}")
+        raise DataError(f"expected a PIL image, a uint8 array or a 2-D uint16 array, got {type(value).__name__} "
+                        f"of {array.dtype} with shape {array.shape}")
     return Image.fromarray(array)
 
 
@@ -601,6 +788,8 @@ class DatasetSplits:
         resolution (`int`): H = W.
         description (`str`): one line for model cards, e.g.
             ``"fashion_mnist (54000 train / 6000 val, 28x28, 1ch)"``.
+        class_names (`List[str]`, *optional*): ``class_names[i]`` names class ``i`` (``use_labels=True`` and the
+            data names its classes: ``ClassLabel`` columns, image-folder class folders, the built-ins).
     """
 
     train: torch.utils.data.Dataset
@@ -609,6 +798,7 @@ class DatasetSplits:
     num_channels: int
     resolution: int
     description: str
+    class_names: Optional[List[str]] = None
 
 
 def _split_indices(
@@ -654,6 +844,7 @@ def prepare_datasets(
     label_column: Optional[str] = None,
     use_labels: bool = False,
     allow_mixed_channels: bool = False,
+    background_color=DEFAULT_BACKGROUND,
 ) -> DatasetSplits:
     r"""Load, split and preprocess a data set for diffusion training.
 
@@ -681,6 +872,9 @@ def prepare_datasets(
             ``datasets.Image`` column, else "image" or "img").
         label_column (`str`, *optional*): label column (default: "label" or "labels").
         use_labels (`bool`): return ``class_labels`` and ``num_classes``; DataError if the data has none.
+        allow_mixed_channels (`bool`): accept an image folder mixing grey and colour images.
+        background_color: colour transparent pixels are composited onto (name, ``#rrggbb``, ``"R,G,B"``
+            or a tuple; default white). See :func:`decode_image` for all decoding rules.
 
     Returns:
         :class:`DatasetSplits`.
@@ -702,6 +896,7 @@ def prepare_datasets(
             f"(got dataset_name={dataset_name!r}, train_data_dir={train_data_dir!r})."
         )
 
+    background = parse_background_color(background_color)
     builtin = _BUILTIN_ALIASES.get(dataset_name) if dataset_name is not None else None
     if builtin is not None:
         images, labels = _load_digits_raw() if builtin == "digits" else _load_fashion_mnist_raw()
@@ -711,6 +906,7 @@ def prepare_datasets(
         resized = _resize_center_crop_uint8(images[keep], resolution)
         n_train = len(train_idx)
         num_classes = 10 if use_labels else None
+        class_names = (list(_CLASS_NAMES[builtin]) if use_labels else None)
         train_labels = labels[train_idx] if use_labels else None
         val_labels = labels[val_idx] if use_labels else None
         train = _TensorImageDataset(resized[:n_train], train_labels, num_channels, random_flip)
@@ -719,22 +915,32 @@ def prepare_datasets(
     else:
         if train_data_dir is not None:
             preflight_image_folder(train_data_dir, expected_channels=num_channels,
-                                   allow_mixed_channels=allow_mixed_channels)
+                                   allow_mixed_channels=allow_mixed_channels, background_color=background)
             name = f"imagefolder:{os.fspath(train_data_dir)}"
         else:
             name = str(dataset_name)
         hf_dataset = _load_hf_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir)
         column = _find_image_column(hf_dataset, image_column)
-        labels, num_classes = None, None
+        labels, num_classes, class_names = None, None, None
         if use_labels:
-            labels, num_classes, _ = _hf_labels(hf_dataset, label_column)
+            try:
+                labels, num_classes, used_column = _hf_labels(hf_dataset, label_column)
+            except DataError as e:
+                if train_data_dir is None or label_column is not None:
+                    raise
+                raise DataError(f"Cannot infer class labels for {os.fspath(train_data_dir)}: "
+                                f"{explain_missing_folder_labels(train_data_dir)}. ({e})") from e
+            feature = hf_dataset.features[used_column]
+            names = getattr(feature, "names", None)
+            class_names = list(names) if names and len(names) == num_classes else None
         train_idx, val_idx = _split_indices(len(hf_dataset), validation_split, seed, max_train_samples, name)
         mode = _MODE_FOR_CHANNELS[num_channels]
         train = _HFImageDataset(
-            hf_dataset, column, train_idx, labels[train_idx] if use_labels else None, resolution, mode, random_flip
+            hf_dataset, column, train_idx, labels[train_idx] if use_labels else None, resolution, mode, random_flip,
+            background,
         )
         validation = _HFImageDataset(
-            hf_dataset, column, val_idx, labels[val_idx] if use_labels else None, resolution, mode, False
+            hf_dataset, column, val_idx, labels[val_idx] if use_labels else None, resolution, mode, False, background
         )
         validation[0]  # fail now, not mid-training, if the images cannot be decoded/converted (no RNG used)
 
@@ -745,6 +951,7 @@ def prepare_datasets(
         num_channels=num_channels,
         resolution=resolution,
         description=_describe(name, len(train), len(validation), resolution, num_channels, num_classes),
+        class_names=class_names,
     )
 
 
@@ -797,22 +1004,31 @@ def infinite_batches(loader: Iterable) -> Iterator[Any]:
 
 
 class ResumableBatches:
-    """An endless, exactly resumable stream of batches from a map-style dataset.
+    """An endless, exactly resumable stream of batches from a map-style dataset, positioned in samples.
 
-    Epoch e visits the items in the order ``torch.randperm(n, generator=manual_seed(seed + e))``,
-    split into ``num_shards`` disjoint strided shards (one per process, for data parallel) and cut
-    into batches of ``batch_size`` (the incomplete tail of an epoch is dropped). The position is
-    just ``(epoch, batch_index)``, so :meth:`state_dict` / :meth:`load_state_dict` resume the
-    stream at exactly the next batch. Random flips inside the dataset come from the global torch
+    The stream is the concatenation of epochs: epoch e visits the items in the order
+    ``torch.randperm(n, generator=manual_seed(seed + e))`` (``arange(n)`` without ``shuffle``). Each
+    step consumes the next ``batch_size * num_shards`` items of that sequence (a global batch; the
+    last batch of an epoch continues into the next epoch, so no item is dropped), and process
+    ``shard`` takes every ``num_shards``-th of them (``global_batch[shard::num_shards]``). The position
+    is ``(epoch, position)``, ``position`` = items of epoch e consumed by all processes together, so a
+    run can resume with another ``batch_size`` or ``num_shards`` (elastic resume) and still see every
+    item of every epoch exactly once; :meth:`load_state_dict` then warns that the run is no longer
+    bit-identical to an uninterrupted one. Random flips inside the dataset come from the global torch
     RNG, which the training scripts checkpoint separately.
 
     Yields dicts of stacked tensors: ``{"pixel_values": (B, C, H, W), ["class_labels": (B,)]}``.
+
+    Raises:
+        DataError: ``batch_size < 1``, or fewer than ``batch_size`` items per process.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True, shard: int = 0,
                  num_shards: int = 1):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}.")
+        if not 0 <= shard < num_shards:
+            raise DataError(f"shard must be in [0, num_shards={num_shards}), got {shard}.")
         per_shard = len(dataset) // num_shards
         if per_shard < batch_size:
             raise DataError(
@@ -821,42 +1037,93 @@ class ResumableBatches:
             )
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, int(seed), shuffle
         self.shard, self.num_shards = shard, num_shards
-        self.epoch, self.index = 0, 0
+        self.epoch, self.position = 0, 0
         self._order = None
 
     @property
-    def batches_per_epoch(self) -> int:
-        return (len(self.dataset) // self.num_shards) // self.batch_size
+    def samples_per_step(self) -> int:
+        """Items one step consumes over all processes: ``batch_size * num_shards``."""
+        return self.batch_size * self.num_shards
+
+    @property
+    def batches_per_epoch(self) -> float:
+        """Steps per epoch, ``n / (batch_size * num_shards)`` (not an integer when batches straddle epochs)."""
+        return len(self.dataset) / self.samples_per_step
+
+    def steps_for_epochs(self, num_epochs: int) -> int:
+        """Steps that consume ``num_epochs`` full epochs: ``ceil(num_epochs * n / (batch_size * num_shards))``."""
+        return -(-num_epochs * len(self.dataset) // self.samples_per_step)
+
+    @property
+    def samples_seen(self) -> int:
+        """Items consumed since the start of the run, over all processes."""
+        return self.epoch * len(self.dataset) + self.position
 
     def _epoch_order(self) -> torch.Tensor:
         n = len(self.dataset)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(n)
-        return order[self.shard::self.num_shards][: (n // self.num_shards)]
+            return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return torch.arange(n)
+
+    def next_indices(self) -> torch.Tensor:
+        """Advance by one step and return this process's dataset indices `(batch_size,)`."""
+        n, need, parts = len(self.dataset), self.samples_per_step, []
+        while need > 0:
+            if self._order is None:
+                self._order = self._epoch_order()
+            take = min(need, n - self.position)
+            parts.append(self._order[self.position:self.position + take])
+            self.position += take
+            need -= take
+            if self.position == n:
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        return torch.cat(parts)[self.shard::self.num_shards]
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = self._epoch_order()
-        idx = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        self.index += 1
-        items = [self.dataset[int(i)] for i in idx]
+        items = [self.dataset[int(i)] for i in self.next_indices()]
         return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "shard": self.shard,
-                "num_shards": self.num_shards}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shard": self.shard,
+                "num_shards": self.num_shards, "batch_size": self.batch_size, "num_samples": len(self.dataset)}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        if (state["seed"], state["num_shards"]) != (self.seed, self.num_shards):
-            raise DataError(
-                f"Cannot resume the data stream: checkpoint has seed={state['seed']}, num_shards={state['num_shards']}, "
-                f"this run has seed={self.seed}, num_shards={self.num_shards}."
-            )
-        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+    def load_state_dict(self, state: Dict[str, int]) -> bool:
+        """Resume at the saved position; returns True when the layout changed (elastic resume).
+
+        ``state`` is a :meth:`state_dict`, or an older one that counted ``index`` in batches (its
+        ``batch_size`` must then be in the dict; the scripts add it from the checkpoint's args).
+
+        Raises:
+            DataError: another seed or data set size (another data set: resuming would be meaningless),
+                or an old-format state without ``batch_size``.
+        """
+        if int(state["seed"]) != self.seed:
+            raise DataError(f"Cannot resume the data stream: checkpoint has seed={state['seed']}, "
+                            f"this run has seed={self.seed}.")
+        n = len(self.dataset)
+        if "num_samples" in state and int(state["num_samples"]) != n:
+            raise DataError(f"Cannot resume the data stream: the checkpoint's data set has {state['num_samples']} "
+                            f"training items, this run's has {n} (other data or --max_train_samples?).")
+        if "position" in state:
+            position = int(state["position"])
+        elif "batch_size" in state:  # older checkpoints: index counted in batches of the saving run
+            position = int(state["index"]) * int(state["batch_size"]) * int(state["num_shards"])
+        else:
+            raise DataError("Cannot resume the data stream: the state counts batches ('index') but does not say "
+                            "their size ('batch_size').")
+        epoch = int(state["epoch"])
+        if position >= n:  # an old state at the end of an epoch
+            epoch, position = epoch + position // n, position % n
+        self.epoch, self.position, self._order = epoch, position, None
+        changed = (int(state.get("batch_size", self.batch_size)), int(state["num_shards"])) != (
+            self.batch_size, self.num_shards)
+        if changed:
+            logger.warning(
+                "Elastic resume of the data stream: the checkpoint used batch_size=%s on %s process(es), this run "
+                "batch_size=%d on %d; continuing at sample %d of epoch %d, so every sample is still seen once per "
+                "epoch, but the run is no longer bit-identical to an uninterrupted one.",
+                state.get("batch_size"), state["num_shards"], self.batch_size, self.num_shards, position, epoch)
+        return changed

@@ -3,7 +3,7 @@
 :class:`ResumableBatches` loads in the training process and draws random flips from the global torch RNG.
 :class:`WorkerBatches` yields the same batches (same items, same order, same epochs and shards) but builds
 each one in a worker process of a ``torch.utils.data.DataLoader``, with the global torch RNG of that worker
-seeded from ``(seed, shard, epoch, batch index)`` just for that batch. So random flips
+seeded from ``(seed, shard, epoch, sample position)`` just for that batch. So random flips
 
 * do not depend on the number of workers nor on which worker builds a batch,
 * do not depend on where a run was resumed (the stream stays exactly resumable), and
@@ -14,6 +14,7 @@ random flips the two streams are identical.
 """
 
 import copy
+import math
 from typing import Dict, Iterator, Tuple
 
 import numpy as np
@@ -22,43 +23,51 @@ import torch
 from .data import ResumableBatches
 
 
-def batch_seed(seed: int, shard: int, epoch: int, index: int) -> int:
-    """The 63-bit seed of batch ``index`` of ``epoch`` on ``shard`` (numpy ``SeedSequence`` mixing)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(shard), int(epoch), int(index)])
+def batch_seed(seed: int, shard: int, epoch: int, position: int) -> int:
+    """The 63-bit seed of the batch that starts at sample ``position`` of ``epoch`` on ``shard`` (numpy
+    ``SeedSequence`` mixing)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(shard), int(epoch), int(position)])
     return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def _at(batches: ResumableBatches, epoch: int, position: int) -> ResumableBatches:
+    """A copy of the stream placed at ``(epoch, position)`` (same layout, so no elastic-resume warning)."""
+    stream = copy.copy(batches)
+    stream.epoch, stream.position, stream._order = int(epoch), int(position), None
+    return stream
+
+
 class _BatchByKey(torch.utils.data.Dataset):
-    """``(epoch, index)`` -> that batch of the stream, built under a per-batch RNG seed."""
+    """``(epoch, position)`` -> the batch of the stream that starts there, built under a per-batch RNG seed."""
 
     def __init__(self, batches: ResumableBatches):
         self.batches = batches
 
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, torch.Tensor]:
-        epoch, index = key
-        stream = copy.copy(self.batches)
-        stream.load_state_dict(dict(stream.state_dict(), epoch=epoch, index=index))
+        epoch, position = key
+        stream = _at(self.batches, epoch, position)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(batch_seed(stream.seed, stream.shard, epoch, index))
+            torch.manual_seed(batch_seed(stream.seed, stream.shard, epoch, position))
             return next(stream)
 
     def __len__(self) -> int:  # the stream is endless; DataLoader only needs the keys from the sampler
-        return self.batches.batches_per_epoch
+        return math.ceil(self.batches.batches_per_epoch)
 
 
 class _Keys(torch.utils.data.Sampler):
-    """Endless ``(epoch, index)`` keys from a start position."""
+    """Endless ``(epoch, position)`` keys of consecutive batches from a start position."""
 
-    def __init__(self, epoch: int, index: int, batches_per_epoch: int):
-        self.epoch, self.index, self.batches_per_epoch = epoch, index, batches_per_epoch
+    def __init__(self, batches: ResumableBatches):
+        self.start = (batches.epoch, batches.position)
+        self.n, self.step = len(batches.dataset), batches.samples_per_step
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch, index = self.epoch, self.index
+        epoch, position = self.start
         while True:
-            if index >= self.batches_per_epoch:
-                epoch, index = epoch + 1, 0
-            yield epoch, index
-            index += 1
+            yield epoch, position
+            position += self.step  # a batch that straddles the end of an epoch continues into the next one
+            while position >= self.n:
+                epoch, position = epoch + 1, position - self.n
 
 
 class WorkerBatches:
@@ -70,7 +79,8 @@ class WorkerBatches:
         num_workers (`int`): worker processes, >= 1.
         prefetch_factor (`int`): batches loaded in advance per worker.
 
-    ``state_dict`` / ``load_state_dict`` / ``epoch`` / ``batches_per_epoch`` behave as for the wrapped stream.
+    ``state_dict`` / ``load_state_dict`` / ``epoch`` / ``batches_per_epoch`` / ``steps_for_epochs`` behave as
+    for the wrapped stream.
 
     Raises:
         ValueError: ``num_workers`` < 1.
@@ -87,29 +97,30 @@ class WorkerBatches:
         return self.batches.epoch
 
     @property
-    def batches_per_epoch(self) -> int:
+    def batches_per_epoch(self) -> float:
         return self.batches.batches_per_epoch
+
+    def steps_for_epochs(self, num_epochs: int) -> int:
+        return self.batches.steps_for_epochs(num_epochs)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
         if self._iterator is None:
-            keys = _Keys(self.batches.epoch, self.batches.index, self.batches.batches_per_epoch)
-            loader = torch.utils.data.DataLoader(_BatchByKey(copy.copy(self.batches)), sampler=keys, batch_size=None,
-                                                 num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+            loader = torch.utils.data.DataLoader(_BatchByKey(copy.copy(self.batches)), sampler=_Keys(self.batches),
+                                                 batch_size=None, num_workers=self.num_workers,
+                                                 prefetch_factor=self.prefetch_factor,
                                                  generator=torch.Generator().manual_seed(0))  # not the global RNG
             self._iterator = iter(loader)
         batch = next(self._iterator)
-        epoch, index = self.batches.epoch, self.batches.index
-        if index >= self.batches.batches_per_epoch:
-            epoch, index = epoch + 1, 0
-        self.batches.load_state_dict(dict(self.batches.state_dict(), epoch=epoch, index=index + 1))
+        self.batches.next_indices()  # advance the consumed position by one step, exactly as the workers did
         return batch
 
     def state_dict(self) -> Dict[str, int]:
         return self.batches.state_dict()
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.batches.load_state_dict(state)
+    def load_state_dict(self, state: Dict[str, int]) -> bool:
+        changed = self.batches.load_state_dict(state)
         self._iterator = None  # the next batch restarts the workers at the loaded position
+        return changed

@@ -28,6 +28,7 @@ same seed and different selectors see the same timesteps and the same candidate 
 and differ only in which candidate they train on.
 """
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -40,6 +41,8 @@ from .modeling_noise_rater import NoiseRaterModel
 from .sampling import build_noise_sampler, draw_candidates
 from .training_utils import UsageError
 from .weighting import compute_snr, min_snr_weights, soft_weights
+
+logger = logging.getLogger(__name__)
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr", "rater_soft")
 GENERATOR_NAMES = ("timesteps", "candidates", "selection")
@@ -290,6 +293,7 @@ def build_selector_and_rater(
     selection_temperature: float = 1.0,
     in_channels: Optional[int] = None,
     class_conditional: bool = False,
+    resolution: Optional[int] = None,
     device=None,
 ):
     """The selector for :func:`training_step` and the frozen rater (or None) that it and ``rater_soft`` use.
@@ -303,6 +307,7 @@ def build_selector_and_rater(
     Raises:
         UsageError: the rater cannot be loaded, its ``in_channels`` differs from ``in_channels`` (the
             images' or latents' channels), or it is class-conditional while ``class_conditional`` is False.
+        A rater whose ``sample_size`` differs from ``resolution`` gets a warning (its scores may not transfer).
     """
     selector, rater = None, None
     try:
@@ -323,6 +328,10 @@ def build_selector_and_rater(
     if rater is not None and in_channels is not None and rater.config.in_channels != in_channels:
         raise UsageError(f"The rater has in_channels={rater.config.in_channels}, the data have {in_channels} "
                          "channel(s).")
+    size = None if rater is None else rater.config.sample_size
+    if resolution is not None and size is not None and size != resolution:
+        logger.warning("The rater was trained at sample_size=%s but scores %dx%d inputs here; its scores may not "
+                       "transfer to another resolution.", size, resolution, resolution)
     if rater is not None and rater.config.num_class_embeds is not None and not class_conditional:
         raise UsageError(f"The rater is class-conditional (num_class_embeds={rater.config.num_class_embeds}); "
                          "pass --class_conditional.")

@@ -51,6 +51,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="Accept an image folder mixing grey and colour images (all converted to the model's channels).")
     g.add_argument("--class_conditional", action="store_true",
                    help="Feed dataset labels to num_class_embeds of the UNet and the rater.")
+    g.add_argument("--background_color", type=str, default="white",
+                   help="Colour that transparent pixels (RGBA, LA, palette transparency) are composited onto: "
+                        "a name (white, black, ...), #rrggbb or R,G,B.")
 
 
 def add_diffusion_args(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +117,72 @@ def validate_common_args(args) -> None:
     if args.push_to_hub and args.hub_token is not None and os.environ.get("NOISE_RATER_ALLOW_HUB_TOKEN") is None:
         # Same policy as diffusers' examples: a token on the command line is a leak risk.
         raise UsageError("Do not pass --hub_token on the command line with --push_to_hub; use `hf auth login`.")
+    from .data import DataError, parse_background_color
+
+    try:
+        parse_background_color(args.background_color)
+    except DataError as e:
+        raise UsageError(f"--background_color: {e}") from None
+
+
+def unet_downsampling_factor(config: Dict[str, Any]) -> int:
+    """How many times a ``UNet2DModel`` built from ``config`` halves the image: 2^(number of down blocks - 1)
+    (every down block but the last ends with a stride-2 downsampler; diffusers' ``UNet2DModel``)."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    blocks = config.get("down_block_types")
+    if not blocks:
+        blocks = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
+    return 2 ** (len(blocks) - 1)
+
+
+def check_resolution(resolution: int, unet_config: Dict[str, Any], what: str = "the UNet") -> None:
+    """Refuse a resolution the UNet's downsampling cannot divide (the skip connections would not line up).
+
+    Raises:
+        UsageError: naming the required multiple and the nearest valid resolutions.
+    """
+    factor = unet_downsampling_factor(unet_config)
+    if resolution % factor:
+        lower, upper = (resolution // factor) * factor, (resolution // factor + 1) * factor
+        nearest = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+        raise UsageError(
+            f"--resolution {resolution} is not a multiple of {factor}: {what} has "
+            f"{int(math.log2(factor)) + 1} down blocks, so it "
+            f"halves the image {int(math.log2(factor))} time(s) and needs a resolution divisible by {factor} "
+            f"(e.g. {nearest})."
+        )
+
+
+def preflight_push_to_hub(args) -> None:
+    """With ``--push_to_hub``: fail before training, not after it, when the Hub cannot be used.
+
+    Checks, without retries: ``HF_HUB_OFFLINE`` is not set, a token is available (``--hub_token`` or
+    ``hf auth login``), and the Hub answers ``whoami`` with it.
+
+    Raises:
+        UsageError: naming what is missing.
+    """
+    if not getattr(args, "push_to_hub", False):
+        return
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set (offline mode). "
+                         "Unset it, or drop --push_to_hub and upload the output folder later.")
+    token = args.hub_token or get_token()
+    if not token:
+        raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` first (or drop --push_to_hub).")
+    from huggingface_hub import whoami
+
+    try:
+        whoami(token=token)
+    except Exception as e:  # noqa: BLE001 - any failure means the upload at the end would fail too
+        raise UsageError(f"--push_to_hub: the Hugging Face Hub cannot be reached with this token "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the network and "
+                         "`hf auth login`, or drop --push_to_hub.") from None
 
 
 def load_json_config(path: str, what: str, default_name: str = "config.json") -> Dict[str, Any]:

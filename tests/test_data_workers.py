@@ -10,7 +10,7 @@ from noise_rater.data_workers import WorkerBatches
 def digits(random_flip):
     splits = prepare_datasets("digits", resolution=8, num_channels=1, random_flip=random_flip, seed=0,
                               use_labels=True)
-    return torch.utils.data.Subset(splits.train, range(40))  # 2 batches of 16 per epoch: epochs roll over
+    return torch.utils.data.Subset(splits.train, range(40))  # 2.5 batches of 16 per epoch: batches straddle epochs
 
 
 def take(stream, n):
@@ -46,15 +46,15 @@ def test_flips_are_per_item_reproducible_and_independent_of_workers_and_resume()
         assert (is_same | is_flip).all() and torch.equal(r["class_labels"], b["class_labels"])
         n_flipped += int((is_flip & ~is_same).sum())
     assert 0 < n_flipped < 5 * 16
-    # resume after 3 batches (crossing into epoch 1): the same next batches
+    # resume after 3 batches (the third straddles epochs 0 and 1): the same next batches
     stream = WorkerBatches(ResumableBatches(flipped, 16, seed=3), num_workers=2)
     take(stream, 3)
     state = stream.state_dict()
-    assert (state["epoch"], state["index"]) == (1, 1)
+    assert (state["epoch"], state["position"]) == (1, 8)
     resumed = WorkerBatches(ResumableBatches(flipped, 16, seed=3), num_workers=2)
     resumed.load_state_dict(state)
     assert same(take(resumed, 2), one[3:])
-    assert resumed.epoch == 2 and resumed.batches_per_epoch == 2
+    assert resumed.epoch == 2 and resumed.batches_per_epoch == 2.5
 
 
 def test_bad_num_workers():
