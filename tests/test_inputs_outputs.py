@@ -333,7 +333,7 @@ def test_training_state_loads_old_batch_counted_checkpoints(tmp_path):
     stream = ResumableBatches(Indices(100), 4, seed=0)
     take(stream, 10)
     path = save_training_state(str(tmp_path), 10, accelerator=accelerator, unet=model, ema=None, optimizer=optimizer,
-                               lr_scheduler=scheduler, generator=torch.Generator(), batches=stream, extra={},
+                               lr_scheduler=scheduler, generators={"timesteps": torch.Generator()}, batches=stream, extra={},
                                run_args={"train_batch_size": 4})
     state_file = f"{path}/training_state.json"
     state = json.load(open(state_file))
@@ -342,5 +342,5 @@ def test_training_state_loads_old_batch_counted_checkpoints(tmp_path):
     model, optimizer, scheduler = parts()
     resumed = ResumableBatches(Indices(100), 8, seed=0)
     load_training_state(path, accelerator=accelerator, unet=model, ema=None, optimizer=optimizer,
-                        lr_scheduler=scheduler, generator=torch.Generator(), batches=resumed)
+                        lr_scheduler=scheduler, generators={"timesteps": torch.Generator()}, batches=resumed)
     assert (resumed.epoch, resumed.position) == (0, 40)
