@@ -101,14 +101,21 @@ def test_stage1_refuses_indivisible_resolution(stage1, tmp_path, capsys):
     assert "--resolution 18 is not a multiple of 4" in capsys.readouterr().err
 
 
-def test_rater_sample_size_mismatch_warns(stage2, caplog):
+def test_rater_sample_size_mismatch_warns(tmp_path, caplog):
     from noise_rater import NoiseRaterModel
+    from noise_rater.training import build_selector_and_rater
 
-    rater = NoiseRaterModel(sample_size=28, in_channels=1, block_out_channels=(8,), downsample=(True,),
-                            time_embedding_dim=8)
+    NoiseRaterModel(sample_size=28, in_channels=1, block_out_channels=(8,), downsample=(True,),
+                    time_embedding_dim=8).save_pretrained(str(tmp_path / "rater"))
     with caplog.at_level("WARNING"):
-        stage2.check_rater(rater, 1, False, 8)
+        build_selector_and_rater("rater", rater_model_name_or_path=str(tmp_path / "rater"), in_channels=1,
+                                 resolution=8)
     assert "sample_size=28" in caplog.text and "8x8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_selector_and_rater("rater", rater_model_name_or_path=str(tmp_path / "rater"), in_channels=1,
+                                 resolution=28)
+    assert "sample_size" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------
