@@ -500,7 +500,9 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, tiny_config):
     assert [r["step"] for r in rec_acc] == [1, 2]
     assert [r["loss"] for r in rec_acc] == pytest.approx([r["loss"] for r in rec_big], rel=1e-5)
     data = lambda m: json.load(open(tmp_path / m / "checkpoint-2" / "training_state.json"))["data"][0]  # noqa: E731
-    assert (data("big")["index"], data("accum")["index"]) == (2, 4)  # two micro-batches per optimizer step
+    # both consumed 2 optimizer steps x 16 samples (accum: 4 micro-batches of 8), counted in samples
+    assert (data("big")["position"], data("accum")["position"]) == (32, 32)
+    assert (data("big")["batch_size"], data("accum")["batch_size"]) == (16, 8)
 
 
 @pytest.mark.slow
