@@ -554,12 +554,14 @@ def meta_gradient(
     adam_eps_root: float = 1e-16,
     truncate_window: Optional[int] = None,
     weighting_scope: Optional[str] = None,
+    chunk_size: Optional[int] = None,
 ) -> MetaGradient:
     r"""J and the exact dJ/dphi, by the cheapest exact route.
 
     ``method``: ``"forward"`` (K = 1 only: :func:`one_step_meta_gradient`), ``"reverse"`` (backpropagation
     through the unrolled updates, :func:`meta_objective`; any K, optional ``truncate_window``), or
-    ``"auto"`` (forward for K = 1 without truncation, reverse otherwise).
+    ``"auto"`` (forward for K = 1 without truncation, reverse otherwise). ``chunk_size``: samples per
+    forward-mode pass (bounds the JVP's memory; forward mode only).
 
     Raises:
         ValueError: ``method`` unknown, or ``"forward"`` with K != 1 or a truncation window.
@@ -576,7 +578,7 @@ def meta_gradient(
         return one_step_meta_gradient(
             rater, unet, scheduler, train_batches[0], val_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
             temperature=temperature, state=state, adam_betas=adam_betas, adam_eps=adam_eps,
-            adam_eps_root=adam_eps_root, weighting_scope=weighting_scope,
+            adam_eps_root=adam_eps_root, weighting_scope=weighting_scope, chunk_size=chunk_size,
         )
     J, inner = meta_objective(
         rater, unet, scheduler, train_batches, val_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,

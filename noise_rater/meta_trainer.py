@@ -60,6 +60,8 @@ class MetaTrainer:
             :func:`noise_rater.bilevel.unroll` (``weighting_scope`` "candidates" by default).
         meta_gradient_method: ``"auto"`` (forward-mode for K = 1, reverse otherwise), ``"forward"`` or
             ``"reverse"`` (see :func:`noise_rater.bilevel.meta_gradient`).
+        jvp_chunk_size: samples per forward-mode pass of the K = 1 meta-gradient (``None``: all at once);
+            smaller chunks lower the peak memory at the same result.
         inner_model_lifetime: meta-steps after which a member is re-initialised.
         outer_lr, outer_betas, outer_weight_decay: the rater's Adam(W) optimiser.
         max_grad_norm: clip the mean meta-gradient to this norm (``None``: no clipping).
@@ -86,6 +88,7 @@ class MetaTrainer:
         truncate_window: Optional[int] = None,
         weighting_scope: str = "candidates",
         meta_gradient_method: str = "auto",
+        jvp_chunk_size: Optional[int] = 32,
         outer_lr: float = 1e-3,
         outer_betas: Tuple[float, float] = (0.9, 0.999),
         outer_weight_decay: float = 0.0,
@@ -113,6 +116,7 @@ class MetaTrainer:
         self.truncate_window = truncate_window
         self.weighting_scope = weighting_scope
         self.meta_gradient_method = meta_gradient_method
+        self.jvp_chunk_size = jvp_chunk_size
         self.max_grad_norm = max_grad_norm
         self.seed = seed
         self.grad_reduce = grad_reduce
@@ -191,7 +195,7 @@ class MetaTrainer:
                 self.rater, self.template, self.scheduler, train_batches, val_batch,
                 method=self.meta_gradient_method, inner_lr=self.inner_lr, inner_optimizer=self.inner_optimizer,
                 temperature=self.temperature, state=state, truncate_window=self.truncate_window,
-                weighting_scope=self.weighting_scope,
+                weighting_scope=self.weighting_scope, chunk_size=self.jvp_chunk_size,
             )
             J, inner = mg.value, mg.inner
             # A non-finite value is only recorded here: every process must still reach the gradient
