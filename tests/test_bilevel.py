@@ -46,6 +46,18 @@ def batches(K, B=4, dtype=torch.float64, seed=2, labels=False):
     return out[:K], out[K]
 
 
+class Lin(torch.nn.Module):
+    """A linear denoiser eps_hat = a * x_t + b (a = 0.3, b = -0.1), simple enough to unroll by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.tensor(-0.1, dtype=torch.float64))
+
+    def forward(self, x_t, t, class_labels=None):
+        return (self.a * x_t + self.b,)
+
+
 def flat_grad(rater, J):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(J, list(rater.parameters()))])
 
@@ -83,15 +95,6 @@ def test_meta_gradient_matches_central_finite_differences(opt, pred):
 
 def test_meta_gradient_matches_hand_unrolled_reference():
     """A tiny linear denoiser eps_hat = a * x_t + b, unrolled by hand with plain tensors."""
-
-    class Lin(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
-            self.b = torch.nn.Parameter(torch.tensor(-0.1, dtype=torch.float64))
-
-        def forward(self, x_t, t, class_labels=None):
-            return (self.a * x_t + self.b,)
 
     model, rater = Lin(), tiny_rater()
     sched = DDPMScheduler(num_train_timesteps=100)
@@ -293,15 +296,6 @@ def test_forward_mode_one_step_equals_reverse_mode(opt, scope):
 
 def test_grouped_meta_gradient_matches_hand_unrolled_reference():
     """Per-candidate softmax on a linear denoiser eps_hat = a x_t + b, unrolled by hand (K = 2)."""
-
-    class Lin(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
-            self.b = torch.nn.Parameter(torch.tensor(-0.1, dtype=torch.float64))
-
-        def forward(self, x_t, t, class_labels=None):
-            return (self.a * x_t + self.b,)
 
     model, rater = Lin(), tiny_rater()
     sched = DDPMScheduler(num_train_timesteps=100)
