@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,11 @@ def part_a(a, runs, log):
                     "--num_valuation_groups", "64", "--checkpointing_steps", "50", "--checkpoints_total_limit", "1",
                     "--seed", "0", "--report_to", "none", "--resume_from_checkpoint", "latest"], log)
             curve = read_jsonl(os.path.join(d, "valuation.jsonl"))
+            figs = os.path.join(a.results_dir, "valuation")
+            os.makedirs(figs, exist_ok=True)
+            shutil.copyfile(os.path.join(d, "valuation_accuracy.png"),
+                            os.path.join(figs, f"valuation_accuracy_{ds}_{scope}.png"))
+            shutil.copyfile(os.path.join(d, "valuation.jsonl"), os.path.join(figs, f"valuation_{ds}_{scope}.jsonl"))
             summary = json.load(open(os.path.join(d, "meta_summary.json")))
             last = curve[-1]
             # the last few measurements (several member ages each), pooled, for an interval
@@ -178,8 +184,18 @@ def write_markdown(res, path):
             c, b = A.get(f"{ds}/candidates"), A.get(f"{ds}/batch")
             if c and b:
                 dc, db = c["tail_fraction_of_oracle"], b["tail_fraction_of_oracle"]
+                def says(m, h):
+                    if not math.isfinite(h) or m - h <= 0 <= m + h:
+                        return "indistinguishable from a random pick"
+                    return "better than a random pick" if m > 0 else "worse than a random pick"
                 L.append(f"- {ds}: the candidate-scope rater captures {dc[0]:+.1%} of the oracle's one-step gain over "
-                         f"a random pick (± {dc[1]:.1%}), the batch-scope rater {db[0]:+.1%} (± {db[1]:.1%}).")
+                         f"a random pick (± {dc[1]:.1%}: {says(*dc)}), the batch-scope rater {db[0]:+.1%} "
+                         f"(± {db[1]:.1%}: {says(*db)}).")
+        L.append("")
+        for key, r in A.items():
+            fig = f"benchmarks/results/valuation/valuation_accuracy_{r['dataset']}_{r['scope']}.png"
+            if os.path.exists(os.path.join(ROOT, fig)):
+                L.append(f"![{r['dataset']} {r['scope']}-scope valuation accuracy]({fig})")
         L.append("")
     B = res.get("stage2_paired", {})
     if B:
