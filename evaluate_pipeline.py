@@ -47,8 +47,10 @@ def parse_args(input_args=None):
                         "that the shorter edge is --resolution and then always centre-cropped (never random).")
     parser.add_argument("--validation_split", type=float, default=0.1,
                         help="Held-out fraction; must match training so the held-out images were never trained on.")
-    parser.add_argument("--split_seed", type=int, default=0,
-                        help="Seed of the train/validation split (must match training).")
+    parser.add_argument("--split_seed", type=int, default=None,
+                        help="Seed of the train/validation split: the training run's --seed, so that the held-out "
+                             "images were never trained on. Default: read from the pipeline folder's "
+                             "final_metrics.json (written by train_diffusion_hard.py), else 0.")
     parser.add_argument("--max_real_images", type=int, default=None,
                         help="Use at most this many held-out real images; None means all.")
     parser.add_argument("--num_samples", type=int, default=1000, help="Number of generated images.")
@@ -137,6 +139,20 @@ def _load_pipeline(pipeline_cls, path):
         sys.exit(2)
 
 
+def _training_seed(pipeline_path: str) -> int:
+    """The --seed of the run that wrote ``pipeline_path`` (its train/validation split), else 0 (logged)."""
+    path = os.path.join(pipeline_path, "final_metrics.json")
+    try:
+        with open(path) as f:
+            seed = int(json.load(f)["args"]["seed"])
+        logger.info("Held-out split seed %d, from %s (the training run's --seed).", seed, path)
+        return seed
+    except (OSError, KeyError, TypeError, ValueError):
+        logger.warning("No training seed found in %s: the held-out split uses --split_seed 0; pass the training "
+                       "run's --seed as --split_seed if it was another.", path)
+        return 0
+
+
 def main(input_args=None):
     args = parse_args(input_args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -146,6 +162,8 @@ def main(input_args=None):
     from noise_rater.evaluation import RankDeficientCovarianceWarning, evaluate_pipeline, make_eval_triples
 
     pipe = _load_pipeline(DDPMPipeline, args.pipeline_path)
+    if args.split_seed is None:
+        args.split_seed = _training_seed(args.pipeline_path)
     unet_cfg = pipe.unet.config
     sample_size = unet_cfg.sample_size
     resolution = args.resolution or (sample_size if isinstance(sample_size, int) else int(sample_size[0]))

@@ -297,8 +297,28 @@ def resolve_shapes(args):
     return channels, resolution, base
 
 
+def load_data(args, channels: int, resolution: int):
+    """The train / validation splits (with the data preflight: bad files, channels, labels)."""
+    return prepare_datasets(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir,
+        resolution=resolution, num_channels=channels, center_crop=args.center_crop, random_flip=args.random_flip,
+        validation_split=args.validation_split, seed=args.seed, max_train_samples=args.max_train_samples,
+        cache_dir=args.cache_dir, image_column=args.image_column, label_column=args.label_column,
+        use_labels=args.class_conditional, allow_mixed_channels=args.allow_mixed_channels,
+        background_color=args.background_color,
+    )
+
+
 def dry_run_config(args) -> dict:
+    """The resolved configuration, after the same data preflight and rater checks as a real run (nothing is
+    trained or written)."""
     channels, resolution, base = resolve_shapes(args)
+    splits = load_data(args, channels, resolution)
+    build_selector_and_rater(
+        args.noise_selection, num_candidates=args.num_candidate_noises, loss_weighting=args.loss_weighting,
+        rater_model_name_or_path=args.rater_model_name_or_path, selection_rule=args.selection_rule,
+        selection_temperature=args.selection_temperature, in_channels=channels,
+        class_conditional=args.class_conditional, resolution=resolution)
     if args.pretrained_model_name_or_path:
         unet_config = {k: v for k, v in base.items() if not k.startswith("_")}
     else:
@@ -308,6 +328,7 @@ def dry_run_config(args) -> dict:
     return {
         "script": SCRIPT_NAME,
         "args": vars(args),
+        "data": splits.description,
         "resolved": {
             "num_channels": channels,
             "resolution": resolution,
@@ -484,7 +505,6 @@ def main(args):
         raise UsageError(f"Launched with WORLD_SIZE={world_size} but Accelerate set up {accelerator.num_processes} "
                          "process(es); check the accelerate config / launcher flags.")
     log = get_logger(SCRIPT_NAME, log_level="INFO")
-    log.info(accelerator.state, main_process_only=False)
     if args.mixed_precision != "no" and not accelerator.native_amp:  # e.g. fp16 on CPU
         log.warning("--mixed_precision %s: no autocast on %s, Accelerate trains in float32.", args.mixed_precision,
                     accelerator.device.type)
@@ -493,14 +513,8 @@ def main(args):
 
     # ---- data (preflight before any model is built) ----
     channels, resolution, _ = resolve_shapes(args)
-    splits = prepare_datasets(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir,
-        resolution=resolution, num_channels=channels, center_crop=args.center_crop, random_flip=args.random_flip,
-        validation_split=args.validation_split, seed=args.seed, max_train_samples=args.max_train_samples,
-        cache_dir=args.cache_dir, image_column=args.image_column, label_column=args.label_column,
-        use_labels=args.class_conditional, allow_mixed_channels=args.allow_mixed_channels,
-        background_color=args.background_color,
-    )
+    splits = load_data(args, channels, resolution)
+    log.info(accelerator.state, main_process_only=False)  # after the preflight, so a data error is the only output
     log.info("Data: %s", splits.description)
     batches = ResumableBatches(splits.train, args.train_batch_size, seed=args.seed,
                                shard=accelerator.process_index, num_shards=accelerator.num_processes)

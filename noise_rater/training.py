@@ -29,6 +29,7 @@ and differ only in which candidate they train on.
 """
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -310,6 +311,10 @@ def build_selector_and_rater(
         A rater whose ``sample_size`` differs from ``resolution`` gets a warning (its scores may not transfer).
     """
     selector, rater = None, None
+    path = rater_model_name_or_path
+    if path and (noise_selection == "rater" or loss_weighting == "rater_soft") and not os.path.isdir(path) and (
+            os.path.isabs(path) or path.startswith(".") or path.count("/") != 1):
+        raise UsageError(f"--rater_model_name_or_path {path!r}: no such folder (and not a Hub id 'owner/name').")
     try:
         if noise_selection == "rater":
             selector = build_noise_sampler("rater", num_candidates=num_candidates,

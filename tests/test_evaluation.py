@@ -487,3 +487,19 @@ def test_cli_with_fake_data_module(tiny_pipeline_path, tmp_path, monkeypatch, ca
                for m in logged), logged
     with pytest.raises(SystemExit):
         cli.parse_args(["--pipeline_path", tiny_pipeline_path])  # no data source
+
+
+def test_evaluate_reads_the_training_seed_for_the_held_out_split(tmp_path, caplog):
+    import json as _json
+    import importlib.util as _u
+    import os as _os
+
+    spec = _u.spec_from_file_location("evaluate_pipeline_cli", _os.path.join(
+        _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "evaluate_pipeline.py"))
+    mod = _u.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "final_metrics.json").write_text(_json.dumps({"args": {"seed": 7}}))
+    assert mod._training_seed(str(tmp_path)) == 7
+    with caplog.at_level("WARNING"):
+        assert mod._training_seed(str(tmp_path / "missing")) == 0
+    assert "--split_seed" in caplog.text

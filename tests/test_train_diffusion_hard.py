@@ -358,6 +358,27 @@ def test_dry_run_prints_json_and_writes_nothing(tmp_path, tiny_config, script_mo
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
+def test_dry_run_checks_data_and_rater_like_a_real_run(tmp_path, tiny_config, script_module, capsys):
+    """--dry_run runs the data preflight and loads the rater: bad input fails there too, with one error line."""
+    out = tmp_path / "out"
+    script_module.cli(base_args(out, tiny_config) + ["--dry_run"])
+    assert "digits" in json.loads(capsys.readouterr().out)["data"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = base_args(out, tiny_config)
+    args[args.index("--dataset_name"):args.index("--dataset_name") + 2] = ["--train_data_dir", str(empty)]
+    for bad, needle in [(args + ["--dry_run"], "No image files found"),
+                        (base_args(out, tiny_config) + ["--dry_run", "--noise_selection", "rater",
+                                                        "--rater_model_name_or_path", str(tmp_path / "nope")],
+                         "no such folder")]:
+        with pytest.raises(SystemExit) as e:
+            script_module.cli(bad)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_dry_run_subprocess(tmp_path, tiny_config):
     out = tmp_path / "out"
