@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from noise_rater.checkpointing import CheckpointError, resolve_checkpoint
+from noise_rater.checkpointing import CheckpointError, apply_default_permissions, resolve_checkpoint
 from noise_rater.data import BUILTIN_DATASETS, DataError, ResumableBatches, prepare_datasets
 from noise_rater.evaluation.validation import make_validation_triples, run_validation
 from noise_rater.data_workers import WorkerBatches
@@ -751,6 +751,7 @@ def main(args):
         }
         write_json(os.path.join(args.output_dir, "final_metrics.json"), final)
         plot_losses(args.output_dir, os.path.join(args.output_dir, "plot_loss.png"))
+        apply_default_permissions(args.output_dir)
         log.info("Done: %d steps, final validation loss %.5f, %s", global_step, final["final_val_loss"],
                  args.output_dir)
         if args.push_to_hub:

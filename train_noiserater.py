@@ -27,6 +27,7 @@ import torch
 from noise_rater import NoiseRaterModel
 from noise_rater.checkpointing import (
     CheckpointError,
+    apply_default_permissions,
     capture_rng_state,
     load_module_state,
     load_torch_state,
@@ -157,7 +158,8 @@ per process, lifetime {args.inner_model_lifetime} meta-steps, temperature {args.
 
 ```python
 from noise_rater import NoiseSelectingSampler
-sampler = NoiseSelectingSampler.from_pretrained("{args.hub_model_id or args.output_dir}", num_candidates=8)
+sampler = NoiseSelectingSampler.from_pretrained("{args.hub_model_id or args.output_dir}",
+                                                num_candidates={args.num_candidate_noises})
 noise = sampler(x0, timesteps)  # (B, C, H, W)
 ```
 
@@ -452,8 +454,8 @@ def main(argv=None):
             if args.report_to != "none":
                 accelerator.log({"valuation_rho": v["spearman_rho"],
                                  "valuation_fraction_of_oracle": v["fraction_of_oracle"]}, step=step + 1)
+        progress.set_postfix(outer=f"{metrics['outer_loss']:.4f}", refresh=False)
         progress.update(1)
-        progress.set_postfix(outer=f"{metrics['outer_loss']:.4f}")
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
             save(step + 1)
     progress.close()
@@ -482,6 +484,7 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "README.md"), "w") as f:
             f.write(model_card(args, splits.description, summary, sum(p.numel() for p in rater.parameters())))
         plot_evidence(history, os.path.join(args.output_dir, "meta_evidence.png"))
+        apply_default_permissions(args.output_dir)
         vb = next(ResumableBatches(splits.validation, min(256, len(splits.validation)), seed=0, shuffle=False))
         plot_rater(rater.cpu(), vb["pixel_values"], args.ddpm_num_steps, os.path.join(args.output_dir, "rater_analysis.png"),
                    class_labels=vb.get("class_labels"))

@@ -428,8 +428,10 @@ def write_report(out, runs, timings, a):
     for k, b, m, d in bands:
         t_range = f"{edges[k]}-{edges[k + 1] - 1}" if len(edges) > k + 1 else f"band {k}"
         L.append(f"| {t_range} | {b:.4f} | {m:.4f} | {d:+.2f} % |")
-    L += ["", f"**Verdict (stage 2).** {v2} The interval is the spread over the {d_n} timestep bands of this one run; "
-          "it does not include seed-to-seed variation, which BENCHMARKS.md measures.", ""]
+    L += ["", f"**Verdict (stage 2).** {v2} This is the mean over the {d_n} timestep bands (each band weighted "
+          f"equally, unlike the overall {overall:+.2f} % above, which weights every validation triple equally); the "
+          "interval is the spread over the bands of this one run and does not include seed-to-seed variation, which "
+          "BENCHMARKS.md measures.", ""]
     if math.isfinite(hard.get("select_time_fraction", float("nan"))):
         L += [f"Selecting among {a.num_candidate_noises} candidate noises took "
               f"{100 * hard['select_time_fraction']:.1f} % of the hard-selection run's step time "

@@ -103,6 +103,30 @@ def _remove_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_default_permissions(path: str) -> None:
+    """Give ``path`` (recursively, for a folder) the permissions a plain ``open``/``mkdir`` would have given
+    under the current umask. Temporary files and folders (``tempfile``) and some writers (safetensors) create
+    owner-only files, which other users of a shared folder could not load."""
+    mask = _umask()
+    paths = [path]
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            paths += [os.path.join(root, d) for d in dirs] + [os.path.join(root, f) for f in files]
+    for p in paths:
+        if os.path.islink(p):
+            continue
+        try:
+            os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~mask)
+        except OSError:  # not ours to change: leave it
+            pass
+
+
 def _write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same directory, fsync and ``os.replace``."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -112,6 +136,7 @@ def _write_text_atomic(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        apply_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -337,6 +362,7 @@ def save_checkpoint(
     tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=output_dir)
     try:
         write_fn(tmp)
+        apply_default_permissions(tmp)  # mkdtemp and safetensors create owner-only entries
         manifest = _build_manifest(tmp, step, metadata)
         manifest_path = os.path.join(tmp, MANIFEST_NAME)
         with open(manifest_path, "w", encoding="utf-8") as f:

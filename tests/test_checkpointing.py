@@ -509,3 +509,25 @@ def test_sigkill_during_saves_leaves_a_valid_latest(tmp_path, caplog):
         assert len(_visible_checkpoints(out)) <= 3  # total_limit=2, plus at most one not yet pruned
         killed_mid_save += any(".tmp-" in n for n in _hidden(out))
     assert killed_mid_save > 0, "no kill landed inside a save; the test did not exercise a crash"
+
+
+def test_checkpoint_files_follow_the_umask_not_owner_only(tmp_path):
+    """mkdtemp and safetensors create owner-only entries; a saved checkpoint must be readable as the umask allows."""
+    import stat
+
+    from noise_rater.checkpointing import apply_default_permissions, save_checkpoint, save_module_state
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(str(tmp_path), 1, lambda d: save_module_state(torch.nn.Linear(2, 2),
+                                                                             os.path.join(d, "m.safetensors")))
+        for p in [path, os.path.join(path, "m.safetensors")]:
+            mode = stat.S_IMODE(os.stat(p).st_mode)
+            assert mode & 0o044 == 0o044, (p, oct(mode))  # group and others can read
+        private = tmp_path / "private.bin"
+        private.write_bytes(b"x")
+        os.chmod(private, 0o600)
+        apply_default_permissions(str(private))
+        assert stat.S_IMODE(os.stat(private).st_mode) == 0o644
+    finally:
+        os.umask(old)
