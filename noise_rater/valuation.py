@@ -242,3 +242,13 @@ def evaluate_valuation(
     if not all(math.isfinite(v) for k, v in out.items() if k not in ("spearman_rho", "fraction_of_oracle")):
         raise FloatingPointError("non-finite influence or rater score in the valuation measurement")
     return out
+
+
+def summarize_valuation(report, num_candidates: int) -> Dict:
+    """Mean over the population's members of a :meth:`noise_rater.meta_trainer.MetaTrainer.valuation_report`,
+    with the per-member rows (age included) under ``members``."""
+    keys = ["spearman_rho", "gain_rater", "gain_random", "gain_oracle", "gain_worst", "fraction_of_oracle"]
+    out = {k: sum(r[k] for r in report) / len(report) for k in keys}
+    out.update(num_groups=report[0]["num_groups"], num_candidates=num_candidates,
+               members=[{k: r[k] for k in keys + ["member", "age"]} for r in report])
+    return out

@@ -9,7 +9,8 @@ import torch
 
 from .training_utils import read_jsonl
 
-__all__ = ["sample_images", "save_image_grid", "class_grid_labels", "plot_losses"]
+__all__ = ["sample_images", "save_image_grid", "class_grid_labels", "plot_losses", "plot_valuation", "plot_evidence",
+           "plot_rater"]
 
 
 @torch.no_grad()
@@ -139,3 +140,88 @@ def plot_losses(output_dir: str, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_valuation(records, path):
+    """valuation_accuracy.png: within-group Spearman rho and fraction of the oracle's gain over meta-steps (one
+    point per inner model, and their mean), and the final one-step gain of the worst / random / rater / oracle pick.
+
+    ``records``: the rows of ``valuation.jsonl`` (:func:`noise_rater.valuation.summarize_valuation` plus ``step``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    for a, key, name in [(ax[0], "spearman_rho", "within-group Spearman rho(score, influence)"),
+                         (ax[1], "fraction_of_oracle", "fraction of the oracle's gain captured")]:
+        for m in range(len(records[0]["members"])):
+            a.plot(steps, [r["members"][m][key] for r in records], ".", alpha=0.4, label=f"inner model {m}")
+        a.plot(steps, [r[key] for r in records], "k-o", ms=3, label="mean")
+        a.axhline(0, color="grey", lw=0.6)
+        a.set_xlabel("meta-step"); a.set_ylabel(name, fontsize=8); a.legend(fontsize=7)
+    last = records[-1]
+    names = ["worst", "random", "rater", "oracle"]
+    vals = [last["gain_worst"], last["gain_random"], last["gain_rater"], last["gain_oracle"]]
+    ax[2].bar(names, vals, color=["tab:red", "tab:grey", "tab:blue", "tab:green"])
+    ax[2].axhline(0, color="k", lw=0.5)
+    ax[2].set_ylabel("one-step gain of the pick (mean c)", fontsize=8)
+    ax[2].set_title(f"final (meta-step {last['step']})", fontsize=9)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def plot_evidence(history, path):
+    """meta_evidence.png: validation loss after the inner steps with the rater's weights vs uniform weights on
+    the same batches (``meta_metrics.jsonl`` rows with ``val_loss_uniform``), and their difference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [h for h in history if "val_loss_uniform" in h and math.isfinite(h["outer_loss"])]
+    if not pts:
+        return
+    steps = [h["step"] for h in pts]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    # the two curves nearly coincide: distinct markers and line styles keep both visible
+    ax[0].plot(steps, [h["val_loss_uniform"] for h in pts], "o--", ms=5, mfc="none", label="uniform weights")
+    ax[0].plot(steps, [h["outer_loss"] for h in pts], "x-", ms=5, lw=0.8, label="rater soft weights")
+    ax[0].set_xlabel("meta-step"); ax[0].set_ylabel("val. loss after K inner steps"); ax[0].legend()
+    gain = [h["val_loss_uniform"] - h["outer_loss"] for h in pts]
+    ax[1].plot(steps, gain, ".", alpha=0.5)
+    k = max(1, len(gain) // 10)
+    if len(gain) >= k:
+        run = [sum(gain[max(0, i - k + 1):i + 1]) / len(gain[max(0, i - k + 1):i + 1]) for i in range(len(gain))]
+        ax[1].plot(steps, run, "-", label=f"running mean ({k})")
+    ax[1].axhline(0, color="k", lw=0.5)
+    ax[1].set_xlabel("meta-step"); ax[1].set_ylabel("uniform - weighted (>0: rater helps)"); ax[1].legend()
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+@torch.no_grad()
+def plot_rater(rater, x0, num_train_timesteps, path, class_labels=None, seed=0):
+    """rater_analysis.png: what the rater prefers: score vs timestep, vs noise norm, vs cos(eps, x0), for x0
+    `(B, C, H, W)` with one random timestep and noise each (its own generator seeded with ``seed``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = torch.Generator().manual_seed(seed)
+    n = x0.shape[0]
+    rater.eval()
+    t = torch.randint(0, num_train_timesteps, (n,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    s = rater(x0, eps, t, class_labels=class_labels).scores
+    d = eps[0].numel()
+    norm = eps.flatten(1).norm(dim=1) / math.sqrt(d)
+    corr = (eps.flatten(1) * x0.flatten(1)).sum(1) / (eps.flatten(1).norm(dim=1) * x0.flatten(1).norm(dim=1) + 1e-8)
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    for a, xv, name in zip(ax, [t.float(), norm, corr], ["timestep t", "||eps|| / sqrt(d)", "cos(eps, x0)"]):
+        a.scatter(xv.numpy(), s.numpy(), s=4, alpha=0.5)
+        a.set_xlabel(name); a.set_ylabel("rater score")
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    rater.train()
