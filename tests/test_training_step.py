@@ -335,5 +335,8 @@ def test_build_selector_and_rater(tmp_path):
     assert isinstance(selector, UniformNoiseSampler) and not any(p.requires_grad for p in rater.parameters())
     with pytest.raises(UsageError, match="in_channels=1, the data have 4"):
         build_selector_and_rater("rater", rater_model_name_or_path=str(tmp_path / "rater"), in_channels=4)
-    with pytest.raises(UsageError, match="cannot load the rater"):
+    with pytest.raises(UsageError, match="no such folder"):
         build_selector_and_rater("rater", rater_model_name_or_path=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="cannot load the rater"):
+        build_selector_and_rater("rater", rater_model_name_or_path=str(tmp_path / "empty"))
