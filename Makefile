@@ -17,8 +17,8 @@ $(STAMP): requirements.txt setup.py
 install: $(STAMP)
 
 # The main job: stage 1 (meta-train a rater) + stage 2 (hard selection vs uniform) + report, on the
-# built-in digits data (bundled with scikit-learn). About 6 minutes: 6m20s measured on 2 CPU cores shared
-# with other jobs. Live progress per stage on the terminal, full log in demo_output/job.log; run it again to
+# built-in digits data (bundled with scikit-learn). About 6 minutes: 5m47s measured on 2 CPU cores, one busy
+# with another job. Live progress per stage on the terminal, full log in demo_output/job.log; run it again to
 # resume. Budgets and threads: $(PY) examples/run_pipeline.py --help
 demo: $(STAMP)
 	$(PY) examples/run_pipeline.py --output_dir demo_output

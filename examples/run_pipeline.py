@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The main job, end to end: stage 1 meta-trains a rater, stage 2 trains the same diffusion model with
 hard noise selection and with uniform noise (same seed, data order and steps), then a short report.
-With the defaults it takes about 6 minutes (6m20s measured on 2 CPU cores shared with other jobs).
+With the defaults it takes about 6 minutes (5m47s measured on 2 CPU cores, one of them busy with another job).
 
     python examples/run_pipeline.py --output_dir demo_output          # built-in digits data
 
