@@ -38,7 +38,8 @@ from noise_rater.checkpointing import (
     save_torch_state,
 )
 from noise_rater.data import DataError, ResumableBatches, prepare_datasets
-from noise_rater.meta_trainer import MetaTrainer, add_noise_and_timesteps
+from noise_rater.meta_trainer import MetaTrainer, add_noise_and_timesteps, held_out_valuation_batches
+from noise_rater.model_card import rater_model_card
 from noise_rater.valuation import summarize_valuation
 from noise_rater.visualization import plot_evidence, plot_rater, plot_valuation
 from noise_rater.training_utils import (
@@ -127,71 +128,6 @@ def build_rater_config(args, channels, num_classes):
     return cfg
 
 
-def model_card(args, data_description, metrics, rater_params):
-    return f"""---
-library_name: diffusers
-tags:
-- noise-rater
-- diffusion
-- meta-learning
----
-
-# NoiseRater rater
-
-A `NoiseRaterModel` that scores diffusion training noise realisations eps for an image x0 at
-timestep t, meta-trained with `train_noiserater.py` (bilevel optimisation: {args.inner_steps}
-`{args.inner_optimizer}` inner step(s) at lr {args.inner_lr}, population of {args.population_size} inner UNets
-per process, lifetime {args.inner_model_lifetime} meta-steps, temperature {args.temperature}; inner batches of
-{args.train_batch_size} images x {args.num_candidate_noises} candidate noises, soft weights over
-`{args.weighting_scope}`; meta-gradient `{args.meta_gradient}`).
-
-- Data: {data_description}
-- Meta-steps: {metrics.get('step')} ; outer learning rate {args.learning_rate}; batch size {args.train_batch_size}
-- Scheduler: DDPM, {args.ddpm_num_steps} steps, `{args.ddpm_beta_schedule}` betas, `{args.prediction_type}` prediction
-- Parameters: {rater_params}
-- Last logged outer loss (validation diffusion loss after the inner steps): {metrics.get('outer_loss')}
-- Mean over the run of (uniform - weighted) validation loss on identical batches: {metrics.get('mean_gain')}
-
-## Valuation accuracy (held-out groups, final rater)
-
-{valuation_text(metrics.get('valuation'))}
-
-## Use
-
-```python
-from noise_rater import NoiseSelectingSampler
-sampler = NoiseSelectingSampler.from_pretrained("{args.hub_model_id or args.output_dir}",
-                                                num_candidates={args.num_candidate_noises})
-noise = sampler(x0, timesteps)  # (B, C, H, W)
-```
-
-or in stage 2: `accelerate launch train_diffusion_hard.py --noise_selection rater --rater_model_name_or_path ...`.
-
-Command-line arguments of this run:
-
-```json
-{json.dumps(vars(args), indent=2, sort_keys=True, default=str)}
-```
-"""
-
-
-def valuation_text(val) -> str:
-    """Markdown lines for the model card / report from a :meth:`MetaTrainer.valuation_report` summary."""
-    if not val:
-        return "Not measured (`--num_valuation_groups 0`)."
-    lines = [f"On {val['num_groups']} held-out (x0, t) groups of {val['num_candidates']} candidate noises, against the "
-             "exact one-step influence c = <grad l(x0, eps, t), grad L_val> of each candidate at each inner model's "
-             "parameters (larger c = more useful):", "",
-             "| inner model age (meta-steps) | within-group Spearman rho | gain of rater's pick | random pick | "
-             "oracle pick | fraction of oracle's gain captured |", "|---|---|---|---|---|---|"]
-    for r in val["members"]:
-        lines.append(f"| {r['age']} | {r['spearman_rho']:+.3f} | {r['gain_rater']:.3e} | {r['gain_random']:.3e} | "
-                     f"{r['gain_oracle']:.3e} | {r['fraction_of_oracle']:+.3f} |")
-    lines += ["", f"Mean over inner models: rho {val['spearman_rho']:+.3f}, fraction of the oracle's gain "
-              f"{val['fraction_of_oracle']:+.3f} (1 = picks like the oracle, 0 = no better than a random pick)."]
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
@@ -269,7 +205,16 @@ def main(argv=None):
     skips = SkipCounter(args.max_consecutive_skips)
     history_path = os.path.join(args.output_dir, "meta_metrics.jsonl")
     valuation_path = os.path.join(args.output_dir, "valuation.jsonl")
-    valuation_data = _valuation_data(args, splits, device) if args.num_valuation_groups else None
+    valuation_data = None
+    if args.num_valuation_groups:  # fixed held-out groups: identical at every measurement and on resume
+        valuation_data = held_out_valuation_batches(
+            splits.validation, args.num_valuation_groups, args.num_candidate_noises,
+            args.val_batch_size or args.train_batch_size * args.num_candidate_noises, args.ddpm_num_steps,
+            seed=args.seed + 424242, device=device)
+        if valuation_data is None:
+            logger.warning("Valuation-accuracy report skipped: the validation split has %d image(s), too few for "
+                           "held-out groups (raise --validation_split or add data; --num_valuation_groups 0 "
+                           "silences this).", len(splits.validation))
 
     # --- resume ---------------------------------------------------------------------------------
     start = 0
@@ -396,7 +341,7 @@ def main(argv=None):
                    "data": splits.description, "world_size": world, "ranks_consistent": ranks_consistent}
         write_json(os.path.join(args.output_dir, "meta_summary.json"), summary)
         with open(os.path.join(args.output_dir, "README.md"), "w") as f:
-            f.write(model_card(args, splits.description, summary, sum(p.numel() for p in rater.parameters())))
+            f.write(rater_model_card(args, splits.description, summary, sum(p.numel() for p in rater.parameters())))
         plot_evidence(history, os.path.join(args.output_dir, "meta_evidence.png"))
         apply_default_permissions(args.output_dir)
         vb = next(ResumableBatches(splits.validation, min(256, len(splits.validation)), seed=0, shuffle=False))
@@ -412,30 +357,6 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
-
-
-def _valuation_data(args, splits, device):
-    """Fixed held-out groups for the valuation report: (groups, val_batch), drawn from the validation split
-    with their own seeded generator (identical at every measurement and on resume); ``None`` with a warning
-    when the validation split has fewer than 4 images."""
-    n_val = len(splits.validation)
-    n_groups = min(args.num_valuation_groups, n_val // 2)
-    if n_groups < 2:
-        logger.warning("Valuation-accuracy report skipped: the validation split has %d image(s), too few for "
-                       "held-out groups (raise --validation_split or add data; --num_valuation_groups 0 silences this).",
-                       n_val)
-        return None
-    g = torch.Generator().manual_seed(args.seed + 424242)
-    order = torch.randperm(n_val, generator=g)
-    def stack(idx):
-        items = [splits.validation[int(i)] for i in idx]
-        out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        return out["pixel_values"].to(device), out.get("class_labels")
-    x0, labels = stack(order[:n_groups])
-    groups = add_noise_and_timesteps(x0, args.ddpm_num_steps, g, labels, num_candidates=args.num_candidate_noises)
-    n_vb = min(n_val - n_groups, args.val_batch_size or args.train_batch_size * args.num_candidate_noises)
-    xv, lv = stack(order[n_groups:n_groups + n_vb])
-    return groups, add_noise_and_timesteps(xv, args.ddpm_num_steps, g, lv)
 
 
 def _channels(args):

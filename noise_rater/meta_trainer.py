@@ -44,6 +44,37 @@ def add_noise_and_timesteps(
     return out
 
 
+def held_out_valuation_batches(
+    dataset, num_groups: int, num_candidates: int, val_batch_size: int, num_train_timesteps: int, seed: int,
+    device=None,
+) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+    """Fixed held-out data for :meth:`MetaTrainer.valuation_report`, drawn from ``dataset`` (a validation
+    split of ``{"pixel_values", ["class_labels"]}`` items) with a generator seeded by ``seed`` alone.
+
+    Returns:
+        ``(groups, val_batch)``: ``min(num_groups, len // 2)`` images with N candidate noises each (noise
+        `(G, N, C, H, W)`) and up to ``val_batch_size`` other images with one noise each; ``None`` if fewer
+        than 2 groups fit (a validation split of fewer than 4 images).
+    """
+    n_val = len(dataset)
+    n_groups = min(int(num_groups), n_val // 2)
+    if n_groups < 2:
+        return None
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(n_val, generator=g)
+
+    def stack(idx):
+        items = [dataset[int(i)] for i in idx]
+        out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        x0 = out["pixel_values"] if device is None else out["pixel_values"].to(device)
+        return x0, out.get("class_labels")
+
+    x0, labels = stack(order[:n_groups])
+    groups = add_noise_and_timesteps(x0, num_train_timesteps, g, labels, num_candidates=num_candidates)
+    xv, lv = stack(order[n_groups:n_groups + min(n_val - n_groups, int(val_batch_size))])
+    return groups, add_noise_and_timesteps(xv, num_train_timesteps, g, lv)
+
+
 class MetaTrainer:
     r"""Meta-trains a rater with a population of inner diffusion models.
 

@@ -179,3 +179,16 @@ def test_validation_minibatches_depend_on_seed_and_call_index_only():
     # labels follow their images
     assert torch.equal(first[0]["class_labels"], first[0]["x0"][:, 0, 0, 0].long() % 3)
     assert ValidationMinibatches(ds, 50, 100, seed=0)()["x0"].shape[0] == 10
+
+
+def test_held_out_valuation_batches_are_fixed_and_disjoint():
+    from noise_rater.meta_trainer import held_out_valuation_batches
+
+    ds = [{"pixel_values": torch.full((1, 2, 2), float(i))} for i in range(10)]
+    groups, val = held_out_valuation_batches(ds, 8, 3, 4, 100, seed=5)
+    assert groups["noise"].shape == (5, 3, 1, 2, 2) and val["x0"].shape == (4, 1, 2, 2)  # min(8, 10 // 2) groups
+    ids_g, ids_v = set(groups["x0"][:, 0, 0, 0].tolist()), set(val["x0"][:, 0, 0, 0].tolist())
+    assert not ids_g & ids_v  # the validation images are not the groups' images
+    again, _ = held_out_valuation_batches(ds, 8, 3, 4, 100, seed=5)
+    assert all(torch.equal(groups[k], again[k]) for k in groups)
+    assert held_out_valuation_batches(ds[:3], 8, 3, 4, 100, seed=5) is None
