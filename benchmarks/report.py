@@ -35,6 +35,10 @@ LEGACY_LABEL = {"uniform": "uniform", "min_snr": "Min-SNR-5", "knn": "KNN (N=8)"
 # ---- small helpers -----------------------------------------------------------------------------------------
 
 
+# Folders of benchmarks/results/ that are not protocols: the previous protocol's files and the figures of
+# benchmarks/valuation_evidence.py.
+NOT_PROTOCOLS = ("legacy", "valuation")
+
 def _valuation_cell(rater_info, key):
     """A stage-1 rater's final valuation number (``meta_summary.json`` -> ``valuation``) as a table cell."""
     v = (rater_info.get("meta_summary") or {}).get("valuation") or {}
@@ -146,7 +150,7 @@ def rater_costs(results_root):
     cost, uses = {}, defaultdict(int)
     for name in sorted(os.listdir(results_root)) if os.path.isdir(results_root) else []:
         d = os.path.join(results_root, name)
-        if not os.path.isdir(d) or name == "legacy":
+        if not os.path.isdir(d) or name in NOT_PROTOCOLS:
             continue
         for scope in ("batch", "candidates"):
             r = read_json(os.path.join(d, f"rater_{scope}.json"))
@@ -576,7 +580,7 @@ def plot_curves(runs, methods, out_dir):
 
 def protocol_dirs(results_root):
     """Protocol folders in report order: the known CPU protocols, other folders, then GPU protocols."""
-    names = [n for n in sorted(os.listdir(results_root)) if n != "legacy"
+    names = [n for n in sorted(os.listdir(results_root)) if n not in NOT_PROTOCOLS
              and os.path.isdir(os.path.join(results_root, n))] if os.path.isdir(results_root) else []
     known = [n for n in PROTOCOLS if n not in GPU_PROTOCOLS]
     cpu = [n for n in known] + [n for n in names if n not in PROTOCOLS]
