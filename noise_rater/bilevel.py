@@ -123,6 +123,21 @@ def _adam_update(
     return InnerState(params, m_new, v_new, k)
 
 
+def _check_inner_optimizer(inner_optimizer: str, inner_lr: float) -> None:
+    if inner_optimizer not in INNER_OPTIMIZERS:
+        raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
+    if not inner_lr > 0:
+        raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
+
+
+def _inner_update(state: InnerState, grads: Dict[str, torch.Tensor], inner_optimizer: str, lr: float,
+                  adam_betas, adam_eps: float, adam_eps_root: float) -> InnerState:
+    """One inner optimiser step U(theta, g): :func:`_sgd_update` or :func:`_adam_update`."""
+    if inner_optimizer == "sgd":
+        return _sgd_update(state, grads, lr)
+    return _adam_update(state, grads, lr, adam_betas, adam_eps, adam_eps_root)
+
+
 def _functional_denoiser(unet: torch.nn.Module, params: Mapping[str, torch.Tensor]):
     """A callable ``f(x_t, t, class_labels=None)`` evaluating ``unet`` at parameters ``params``."""
 
@@ -245,10 +260,7 @@ def unroll(
     Raises:
         ValueError: bad optimiser, learning rate, window, scope or batch layout.
     """
-    if inner_optimizer not in INNER_OPTIMIZERS:
-        raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
-    if not inner_lr > 0:
-        raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
+    _check_inner_optimizer(inner_optimizer, inner_lr)
     if len(train_batches) == 0:
         raise ValueError("train_batches must hold at least one batch (K >= 1)")
     if truncate_window is not None and truncate_window < 1:
@@ -280,10 +292,7 @@ def unroll(
                 loss = (w * per_sample).mean()
                 grads = torch.autograd.grad(loss, list(params.values()), create_graph=in_graph)
             grads = dict(zip(params.keys(), grads))
-            if inner_optimizer == "sgd":
-                state = _sgd_update(state, grads, inner_lr)
-            else:
-                state = _adam_update(state, grads, inner_lr, adam_betas, adam_eps, adam_eps_root)
+            state = _inner_update(state, grads, inner_optimizer, inner_lr, adam_betas, adam_eps, adam_eps_root)
             losses.append(float(loss.detach()))
             weights_seen.append(w.detach())
     if not create_graph:
@@ -495,10 +504,7 @@ def one_step_meta_gradient(
     Equal to ``torch.autograd.grad(meta_objective(..., K=1), rater.parameters())`` (tested to 1e-6
     relative in float64). Arguments as in :func:`unroll` with a single training batch.
     """
-    if inner_optimizer not in INNER_OPTIMIZERS:
-        raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
-    if not inner_lr > 0:
-        raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
+    _check_inner_optimizer(inner_optimizer, inner_lr)
     if state is None:
         state = InnerState.from_module(unet)
     state = state.detached()
@@ -516,11 +522,7 @@ def one_step_meta_gradient(
         )
         inner_loss = (w.detach() * per_sample).mean()
         g = dict(zip(th.keys(), torch.autograd.grad(inner_loss, list(th.values()))))
-    if inner_optimizer == "sgd":
-        new_state = _sgd_update(state, g, inner_lr)
-    else:
-        new_state = _adam_update(state, g, inner_lr, adam_betas, adam_eps, adam_eps_root)
-    new_state = new_state.detached()
+    new_state = _inner_update(state, g, inner_optimizer, inner_lr, adam_betas, adam_eps, adam_eps_root).detached()
     with torch.enable_grad():
         th1 = {k: v.clone().requires_grad_(True) for k, v in new_state.params.items()}
         J = validation_loss_at(unet, scheduler, th1, val_batch)
