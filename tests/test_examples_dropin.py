@@ -35,17 +35,6 @@ def tiny_rater(channels, seed=0, **kwargs):
     return rater
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the examples run
 # ----------------------------------------------------------------------------------------------------------------

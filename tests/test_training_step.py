@@ -242,17 +242,6 @@ def test_class_labels_and_encoder_hidden_states():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize("selector_name,weighting", [("knn", "min_snr"), ("rater_argmax", "uniform")])
 def test_gradient_accumulation_equals_large_batch(selector_name, weighting, fresh_accelerate_state):
     from accelerate import Accelerator
