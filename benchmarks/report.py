@@ -174,7 +174,7 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
     reproduce = sorted(set(info.get("commands") or [f"python benchmarks/run_benchmark.py --protocol {name}"]))
     summary = {"name": name, "runs": runs, "rows": {}, "fd": bool(p.get("fd")), "oracle": None, "captured": {}}
     if not runs:
-        L.append(f"No results yet. Run `python benchmarks/run_benchmark.py --protocol {name} --max_hours 2.3` "
+        L.append(f"No results yet. Run `python benchmarks/run_benchmark.py --protocol {name} --jobs 2 --max_hours 2.3` "
                  "(repeat until done), then `python benchmarks/report.py`.\n")
         return L, summary
 
@@ -394,7 +394,7 @@ def transfer_section(results_root, level="##"):
     small = load_runs(os.path.join(results_root, small_name)) if os.path.isdir(os.path.join(results_root, small_name)) else {}
     L = [f"{level} Rater transfer: small inner UNet -> larger stage-2 UNet\n"]
     if not big:
-        L.append("No results yet: `python benchmarks/run_benchmark.py --protocol transfer --max_hours 2.3`.\n")
+        L.append("No results yet: `python benchmarks/run_benchmark.py --protocol transfer --jobs 2 --max_hours 2.3`.\n")
         return L
     sinfo = read_json(os.path.join(results_root, small_name, "protocol.json"), {})
     L.append(f"Raters meta-trained with the {info.get('stage1_unet_params', 'n/a')}-parameter inner UNet drive stage 2 "
@@ -608,7 +608,7 @@ def build_report(results_root, doc_dir=ROOT):
          "`python benchmarks/run_benchmark.py --protocol NAME` (resumable, in pieces: `--max_hours`). Every number "
          "below comes from those files; each section names the command that reproduces it. Protocols are defined "
          "in `benchmarks/protocols.py`.\n",
-         "Workflow: a pilot (`python benchmarks/run_benchmark.py --protocol digits8 --seeds 0 1 2 --max_hours 2.3`), "
+         "Workflow: a pilot (`python benchmarks/run_benchmark.py --protocol digits8 --seeds 0 1 2 --jobs 2 --max_hours 2.3`), "
          "then `python benchmarks/power.py benchmarks/results/digits8` gives the seeds each method needs for the "
          "budget (95 % half-width of the paired difference <= 2 % for validation loss, <= 5 % for FD); run more "
          "seeds with `--seeds 0 1 ... n-1` (finished runs are skipped), commit `benchmarks/results/` after each "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run one benchmark protocol (see benchmarks/protocols.py), resumably and in pieces.
 
-    python benchmarks/run_benchmark.py --protocol digits8 --max_hours 2.3      # one piece; run again to continue
+    python benchmarks/run_benchmark.py --protocol digits8 --jobs 2 --max_hours 2.3   # one piece; run again to continue
     python benchmarks/run_benchmark.py --protocol digits8 --methods uniform    # never runs stage 1
     python benchmarks/run_benchmark.py --protocol fmnist16 --dry_run          # print the plan, run nothing
     python benchmarks/report.py                                                # BENCHMARKS.md from the results
@@ -21,7 +21,9 @@ Per protocol:
    ``num_real`` real images that no run trained on, at the protocol's fractions of training. The real-vs-real
    floor (two disjoint real halves) is written once to ``results/<protocol>/fd_floor.json``.
 
-A finished run writes ``results/<protocol>/run_<method>_seed<k>.json`` and is skipped afterwards.
+A finished run writes ``results/<protocol>/run_<method>_seed<k>.json`` and is skipped afterwards. Each training
+run's output goes to ``runs/<protocol>/logs/<run>.log``. ``--jobs 2`` runs two trainings at once (one thread
+each on 2 cores): stage 1's two scopes together, then stage-2 runs in plan order.
 ``--max_hours`` bounds one invocation: a job whose estimated time (from the runs already finished) does not fit
 is not started, and a job still running at the deadline is stopped (it resumes from its last checkpoint next
 time). Commit ``benchmarks/results/`` after each piece.
@@ -36,7 +38,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -66,17 +70,19 @@ class BudgetExhausted(Exception):
 # ---- command execution ------------------------------------------------------------------------------------
 
 
-def run_command(cmd, log_path, timeout_s=None):
+def run_command(cmd, log_path, timeout_s=None, env=None):
     """Run ``cmd`` (list) from the repository root, appending its output to ``log_path``.
 
-    Returns the exit status. On ``timeout_s`` the whole process group gets SIGTERM (SIGKILL 30 s later) and
+    ``env``: extra environment variables (dict of str) on top of this process's environment. Returns the exit
+    status. On ``timeout_s`` the whole process group gets SIGTERM (SIGKILL 30 s later) and
     ``subprocess.TimeoutExpired`` is raised; checkpoints are written atomically, so the run resumes from its
     last complete checkpoint next time.
     """
     with open(log_path, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        full_env = {**os.environ, **env} if env else None
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)
         try:
             return p.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -168,18 +174,35 @@ def add_seconds(path, key, seconds):
 
 
 class Benchmark:
-    """One protocol's runs. ``run_command`` is injectable (tests use a fake that writes the scripts' outputs)."""
+    """One protocol's runs. ``run_command`` is injectable (tests use a fake that writes the scripts' outputs).
+
+    ``jobs``: training runs executed at once (stage 1's two scopes, then stage-2 runs, in plan order); each run
+    gets ``threads_per_job`` torch/OpenMP threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``; None leaves the
+    environment as it is). On 2 CPU cores, ``jobs=2, threads_per_job=1`` does about twice the work of one job
+    with two threads: the small UNets do not use two threads well.
+    """
 
     def __init__(self, protocol, results_dir, runs_dir, raters_dir, *, run_command=run_command, deadline=None,
-                 clock=time.time, command_line="", evaluate_fd=None, log=print):
+                 clock=time.time, command_line="", evaluate_fd=None, log=print, jobs=1, threads_per_job=None):
+        if jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, got {jobs}")
+        if threads_per_job is not None and threads_per_job < 1:
+            raise UsageError(f"--threads_per_job must be >= 1, got {threads_per_job}")
         self.p = protocol
         self.results_dir, self.runs_dir, self.raters_dir = results_dir, runs_dir, raters_dir
         self.run_command, self.deadline, self.clock, self.log = run_command, deadline, clock, log
         self.command_line = command_line
         self.evaluate_fd = evaluate_fd if evaluate_fd is not None else self._evaluate_fd
+        self.jobs, self.threads_per_job = jobs, threads_per_job
         self.stage1_runs = []  # scopes meta-trained by this invocation (for tests and the log)
-        self.log_path = os.path.join(runs_dir, "benchmark.log")
+        self.logs_dir = os.path.join(runs_dir, "logs")
         self.times_path = os.path.join(runs_dir, "launcher_seconds.json")
+        self._lock = threading.Lock()  # guards the read-modify-write of the seconds files
+        self._fd_lock = threading.Lock()
+
+    def log_path(self, name):
+        """Output of one training run: ``<runs_dir>/logs/<name>.log``."""
+        return os.path.join(self.logs_dir, f"{name}.log")
 
     # -- paths
     def result_path(self, method, seed):
@@ -260,22 +283,27 @@ class Benchmark:
             ckpt = None
         return min(1.0, checkpoint_step(ckpt) / self.p["steps"]) if ckpt else 0.0
 
-    def launch(self, cmd, what, estimate_s=None):
-        """Run ``cmd`` within the budget; returns launcher seconds. Raises BudgetExhausted when it cannot."""
-        self._spent = 0.0
+    def launch(self, cmd, what, log_name, seconds_file, seconds_key, estimate_s=None):
+        """Run ``cmd`` within the budget, adding the launcher seconds it took (also when it failed or was
+        stopped) to ``seconds_key`` of the JSON file ``seconds_file``. Raises BudgetExhausted when it cannot run
+        or is stopped at the deadline, RuntimeError when it fails."""
         left = self.remaining_s() - BUDGET_MARGIN_S
         if left <= 0 or (estimate_s is not None and estimate_s > left):
             raise BudgetExhausted(f"{what} needs ~{estimate_s or 0:.0f} s, {max(left, 0):.0f} s left")
+        log_path = self.log_path(log_name)
+        os.makedirs(self.logs_dir, exist_ok=True)
+        env = ({"OMP_NUM_THREADS": str(self.threads_per_job), "MKL_NUM_THREADS": str(self.threads_per_job)}
+               if self.threads_per_job else None)
         t0 = self.clock()
         try:
-            rc = self.run_command(cmd, self.log_path, None if self.deadline is None else left)
+            rc = self.run_command(cmd, log_path, None if self.deadline is None else left, **({"env": env} if env else {}))
         except subprocess.TimeoutExpired:
             raise BudgetExhausted(f"{what} stopped at the deadline (resumes from its last checkpoint)") from None
         finally:
-            self._spent = self.clock() - t0
+            with self._lock:
+                add_seconds(seconds_file, seconds_key, self.clock() - t0)
         if rc != 0:
-            raise RuntimeError(f"{what} failed (exit {rc}); see {self.log_path}:\n{' '.join(cmd)}")
-        return self._spent
+            raise RuntimeError(f"{what} failed (exit {rc}); see {log_path}:\n{' '.join(cmd)}")
 
     # -- stage 1
     def ensure_rater(self, scope):
@@ -285,10 +313,8 @@ class Benchmark:
         if not done:
             self.log(f"[stage 1] {self.p['name']}: rater, scope {scope} -> {out}")
             os.makedirs(out, exist_ok=True)
-            try:
-                self.launch(stage1_command(self.p, scope, out, self.stage1_unet_config_path), f"stage 1 ({scope})")
-            finally:
-                add_seconds(os.path.join(out, "runner_seconds.json"), "launcher_s", getattr(self, "_spent", 0.0))
+            self.launch(stage1_command(self.p, scope, out, self.stage1_unet_config_path), f"stage 1 ({scope})",
+                        f"stage1_{scope}", os.path.join(out, "runner_seconds.json"), "launcher_s")
             self.stage1_runs.append(scope)
             if not os.path.exists(os.path.join(out, "meta_summary.json")):
                 raise RuntimeError(f"stage 1 finished but wrote no {out}/meta_summary.json")
@@ -316,11 +342,8 @@ class Benchmark:
         if not os.path.exists(final_path):
             self.log(f"[stage 2] {self.p['name']}: {method} seed {seed}")
             cmd = stage2_command(self.p, method, seed, out, self.unet_config_path, rater)
-            try:
-                self.launch(cmd, f"{method} seed {seed}", self.estimate_s(method, seed))
-            finally:
-                add_seconds(self.times_path, f"{method}_seed{seed}", getattr(self, "_spent", 0.0))
-                self._spent = 0.0
+            self.launch(cmd, f"{method} seed {seed}", f"{method}_seed{seed}", self.times_path, f"{method}_seed{seed}",
+                        self.estimate_s(method, seed))
         final = read_json(final_path)
         if final.get("steps") != self.p["steps"]:
             raise RuntimeError(f"{final_path}: {final.get('steps')} steps, the protocol asks {self.p['steps']}; "
@@ -345,14 +368,44 @@ class Benchmark:
         for d in (self.results_dir, self.runs_dir, self.raters_dir):
             os.makedirs(d, exist_ok=True)
         self.write_setup()
+        pending = self.pending()
+        scopes = sorted({METHODS[m]["rater_scope"] for _, m in pending if METHODS[m]["rater_scope"]})
         try:
-            for seed, method in self.pending():
-                self.run_one(method, seed)
+            # stage 1 first (its raters are shared by every seed), then stage 2 in plan order (seed-major)
+            self._map(self.ensure_rater, [(s,) for s in scopes])
+            self._map(self.run_one, [(m, s) for s, m in pending])
         except BudgetExhausted as e:
             self.log(f"budget: {e}; stopping. Run the same command again to continue.")
         left = self.pending()
         self.log(f"{self.p['name']}: {len(plan(self.p)) - len(left)} of {len(plan(self.p))} runs done")
         return left
+
+    def _map(self, fn, arg_tuples):
+        """``fn(*args)`` for each tuple, ``self.jobs`` at a time, started in order. After the first failure no
+        new call starts (running ones finish); a RuntimeError wins over BudgetExhausted, which is re-raised."""
+        if self.jobs == 1:
+            for args in arg_tuples:
+                fn(*args)
+            return
+        stop = threading.Event()
+        errors = []
+
+        def call(args):
+            if stop.is_set():
+                return
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the calling thread
+                stop.set()
+                errors.append(e)
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            list(pool.map(call, arg_tuples))
+        for e in errors:
+            if not isinstance(e, BudgetExhausted):
+                raise e
+        if errors:
+            raise errors[0]
 
     # -- FD
     def _evaluate_fd(self, method, seed, out):
@@ -391,8 +444,12 @@ class Benchmark:
     def fd_reference(self):
         """(reference {images, features}, floor dict): real images no run trained on, split into two disjoint
         halves A (the reference of every FD) and B; the floor FD(A, B) is written once to fd_floor.json."""
-        if getattr(self, "_fd_ref", None) is not None:
+        with self._fd_lock:  # computed once, also when several runs finish at once (--jobs)
+            if getattr(self, "_fd_ref", None) is None:
+                self._fd_ref = self._fd_reference()
             return self._fd_ref
+
+    def _fd_reference(self):
         import numpy as np
         import torch
 
@@ -422,8 +479,7 @@ class Benchmark:
                  "fd_real_vs_real_at_generated_count": frechet_distance(
                      *feature_statistics(fa), *feature_statistics(fb[:fd["num_generated"]]), method="eigh")}
         write_json(floor_path, floor)
-        self._fd_ref = ({"images": a, "features": fa}, floor)
-        return self._fd_ref
+        return {"images": a, "features": fa}, floor
 
 
 # ---- collection (pure apart from reading the run's files) ---------------------------------------------------
@@ -543,6 +599,10 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="A subset of the protocol's methods.")
     ap.add_argument("--seeds", type=int, nargs="+", help="Replace the protocol's seeds (method_seeds stay a subset).")
     ap.add_argument("--method_seeds", nargs="+", metavar="METHOD=S1,S2", help="Seeds of one method, e.g. oracle=0,1.")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="Training runs at once (e.g. 2 on 2 CPU cores); each gets --threads_per_job threads.")
+    ap.add_argument("--threads_per_job", type=int, default=None,
+                    help="OMP/MKL threads per run (default: CPU cores / --jobs when --jobs > 1, else unchanged).")
     ap.add_argument("--max_hours", type=float, default=None,
                     help="Stop cleanly before this many hours (a job that would not fit is not started).")
     ap.add_argument("--steps", type=int)
@@ -567,7 +627,11 @@ def main(argv=None):
         results_dir = os.path.abspath(a.results_dir or os.path.join(HERE, "results", a.protocol))
         runs_dir = os.path.abspath(a.runs_dir or os.path.join(HERE, "runs", os.path.basename(results_dir)))
         deadline = time.time() + 3600 * a.max_hours if a.max_hours else None
+        threads = a.threads_per_job
+        if threads is None and a.jobs > 1:
+            threads = max(1, (os.cpu_count() or 1) // a.jobs)
         bench = Benchmark(p, results_dir, runs_dir, os.path.abspath(a.raters_dir), deadline=deadline,
+                          jobs=a.jobs, threads_per_job=threads,
                           command_line="python benchmarks/run_benchmark.py " + " ".join(
                               sys.argv[1:] if argv is None else argv))
         if a.dry_run:

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -43,8 +44,9 @@ class FakeRunner:
     def stage2(self):
         return [c for c in self.commands if "train_diffusion_hard.py" in c]
 
-    def __call__(self, cmd, log_path, timeout_s=None):
+    def __call__(self, cmd, log_path, timeout_s=None, env=None):
         self.commands.append(list(cmd))
+        self.envs = getattr(self, "envs", []) + [env]
         out = _flag(cmd, "--output_dir")
         os.makedirs(out, exist_ok=True)
         if "train_noiserater.py" in cmd:
@@ -238,11 +240,58 @@ def test_budget_deadline_stops_a_running_job(tmp_path):
     assert runner.timeouts == [600.0 - rb.BUDGET_MARGIN_S]
 
 
+def test_parallel_jobs_give_the_same_results_as_serial(tmp_path):
+    val = lambda method, seed: 0.05 + 0.01 * seed + {"uniform": 0.0, "knn": 0.001, "rater": 0.002}[method]  # noqa: E731
+    o = {"seeds": [0, 1, 2], "methods": ["uniform", "knn", "rater_cand", "rater_batch"]}
+    serial, par = FakeRunner(val), FakeRunner(val)
+    b1 = _bench(tmp_path / "serial", runner=serial, **o)
+    b2 = _bench(tmp_path / "parallel", runner=par, **o)
+    b2.jobs, b2.threads_per_job = 2, 1
+    assert b1.run() == [] and b2.run() == []
+    assert sorted(b1.stage1_runs) == sorted(b2.stage1_runs) == ["batch", "candidates"]
+    # stage 1 (both scopes) strictly before any stage-2 run; every run exactly once
+    kinds = ["s1" if "train_noiserater.py" in c else "s2" for c in par.commands]
+    assert kinds == ["s1", "s1"] + ["s2"] * 12
+    for s, m in rb.plan(b1.p):
+        r1, r2 = (json.load(open(b.result_path(m, s))) for b in (b1, b2))
+        assert r1["final"] == r2["final"] and r1["val_curve"] == r2["val_curve"]
+    # each training run got one thread; the serial runner left the environment alone
+    assert par.envs == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}] * 14 and set(serial.envs) == {None}
+    secs = json.load(open(b2.times_path))
+    assert sorted(secs) == sorted(f"{m}_seed{s}" for s, m in rb.plan(b2.p))
+
+
+def test_parallel_failure_stops_new_jobs_and_is_raised(tmp_path):
+    class FailsOnSeed1(FakeRunner):
+        def __call__(self, cmd, log_path, timeout_s=None, env=None):
+            if "train_diffusion_hard.py" in cmd and _flag(cmd, "--seed") == "1":
+                self.commands.append(list(cmd))
+                return 7
+            time.sleep(0.5)  # seed 1 fails while seed 0 is still running
+            return super().__call__(cmd, log_path, timeout_s, env)
+
+    runner = FailsOnSeed1()
+    b = _bench(tmp_path, runner=runner, seeds=[0, 1, 2, 3, 4, 5], methods=["uniform"])
+    b.jobs = 2
+    with pytest.raises(RuntimeError, match=r"uniform seed 1 failed \(exit 7\); see .*logs/uniform_seed1\.log"):
+        b.run()
+    assert not os.path.exists(b.result_path("uniform", 1)) and os.path.exists(b.result_path("uniform", 0))
+    assert len(runner.stage2()) == 2  # seeds 0 and 1 started together; nothing new after the failure
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(rb.UsageError, match="--jobs must be >= 1"):
+        rb.Benchmark(protocols.get_protocol("digits8"), str(tmp_path), str(tmp_path), str(tmp_path), jobs=0)
+
+
 def test_run_command_kills_the_process_group_on_timeout(tmp_path):
     log = str(tmp_path / "log.txt")
     with pytest.raises(subprocess.TimeoutExpired):
         rb.run_command([sys.executable, "-c", "import time; print('hi', flush=True); time.sleep(60)"], log, 1.0)
     assert rb.run_command([sys.executable, "-c", "raise SystemExit(3)"], log) == 3
+    assert rb.run_command([sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])"], log,
+                          env={"OMP_NUM_THREADS": "1"}) == 0
+    assert "threads 1" in open(log).read()
     assert "hi" in open(log).read()
 
 
