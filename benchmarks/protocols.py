@@ -158,9 +158,15 @@ def check_protocol(p):
             raise ProtocolError(f"protocol {name!r}: method_seeds names unknown method {m!r}")
         if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
             raise ProtocolError(f"protocol {name!r}: method_seeds[{m!r}] must be a list of ints, got {seeds!r}")
-    if not isinstance(p["steps"], int) or p["steps"] < 1:
-        raise ProtocolError(f"protocol {name!r}: steps must be a positive int, got {p['steps']!r}")
-    if p["validation_steps"] < 1 or p["steps"] % p["validation_steps"]:
+    for key in ("steps", "batch_size", "validation_steps", "num_validation_triples", "checkpointing_steps"):
+        if not isinstance(p[key], int) or p[key] < 1:
+            raise ProtocolError(f"protocol {name!r}: {key} must be a positive int, got {p[key]!r}")
+    if not isinstance(p["stage1"].get("meta_steps"), int) or p["stage1"]["meta_steps"] < 1:
+        raise ProtocolError(f"protocol {name!r}: stage1.meta_steps must be a positive int, got "
+                            f"{p['stage1'].get('meta_steps')!r}")
+    if any(not isinstance(s, int) or s < 0 for s in p["seeds"]):
+        raise ProtocolError(f"protocol {name!r}: seeds must be ints >= 0, got {p['seeds']!r}")
+    if p["steps"] % p["validation_steps"]:
         raise ProtocolError(f"protocol {name!r}: steps ({p['steps']}) must be a multiple of validation_steps "
                             f"({p['validation_steps']}) so that the final step is validated")
     if p["num_candidate_noises"] < 1:

@@ -125,6 +125,19 @@ def flatness(curve, steps, fraction=0.2):
     return 100.0 * (d[steps] - d[s0]) / d[s0]
 
 
+def flatness_phrase(fm):
+    """What a (mean, half-width, n) change over the last 20 % of training says about convergence."""
+    mean, hw = fm[0], fm[1]
+    if not finite(mean):
+        return ""
+    if abs(mean) < 1:
+        return "It is flat to within 1 % on average."
+    if finite(hw) and mean + hw < 0:
+        return "It is still falling: the comparison is one of early training."
+    return ("The mean change exceeds 1 % but its interval includes 0: not shown to be flat, nor to be still "
+            "falling.")
+
+
 def classify(mean, hw, budget, n):
     """Verdict phrase for a paired difference (in %, negative = better than uniform) against its budget."""
     if n < 2 or not finite(hw):
@@ -163,7 +176,25 @@ def rater_costs(results_root):
     return {k: (cost.get(k), uses.get(k, 0)) for k in set(cost) | set(uses)}
 
 
-def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
+def reproduce_commands(name, p, runs):
+    """One ``run_benchmark.py`` command per group of methods that ran at the same seeds (as the result files
+    say), so that following them reruns exactly what the tables report."""
+    groups = defaultdict(list)
+    for m in ordered_methods(runs):
+        groups[tuple(sorted(runs[m]))].append(m)
+    own = p.get("method_seeds", {})
+    cmds = []
+    for seeds, methods in groups.items():
+        cmd = (f"python benchmarks/run_benchmark.py --protocol {name} --methods {' '.join(methods)} "
+               f"--seeds {' '.join(map(str, seeds))}")
+        ms = [m for m in methods if m in own and own[m] != list(seeds)]
+        if ms:
+            cmd += " --method_seeds " + " ".join(f"{m}={','.join(map(str, seeds))}" for m in ms)
+        cmds.append(cmd + (" --jobs 2" if name not in GPU_PROTOCOLS else ""))
+    return cmds
+
+
+def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, figures_dir=None):
     """(markdown lines, summary dict for the verdict) of the protocol whose results are in folder ``d``."""
     info = read_json(os.path.join(d, "protocol.json"), {})
     p = info.get("resolved") or dict(PROTOCOLS.get(name, {}), name=name)
@@ -171,11 +202,12 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
     methods = ordered_methods(runs)
     rel = os.path.relpath(d, ROOT)
     L = [f"{level} Protocol `{name}`\n", p.get("description", ""), ""]
-    reproduce = sorted(set(info.get("commands") or [f"python benchmarks/run_benchmark.py --protocol {name}"]))
+    reproduce = reproduce_commands(name, p, runs)
     summary = {"name": name, "runs": runs, "rows": {}, "fd": bool(p.get("fd")), "oracle": None, "captured": {}}
     if not runs:
-        L.append(f"No results yet. Run `python benchmarks/run_benchmark.py --protocol {name} --jobs 2 --max_hours 2.3` "
-                 "(repeat until done), then `python benchmarks/report.py`.\n")
+        how = ("`bash benchmarks/gpu_benchmark.sh` on a CUDA machine" if name in GPU_PROTOCOLS else
+               f"`python benchmarks/run_benchmark.py --protocol {name} --jobs 2 --max_hours 2.3` (repeat until done)")
+        L.append(f"No results yet. Run {how}, then `python benchmarks/report.py`.\n")
         return L, summary
 
     # -- protocol facts
@@ -214,8 +246,8 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
              + (f" ({info['stage1_seed_note']})." if info.get("stage1_seed_note") else "."))
     if info.get("machine"):
         L.append(f"- Machine: {info['machine']}; first run {info.get('date')}.")
-    L.append(f"- Reproduce: `{'`; `'.join(reproduce)}`, then `python benchmarks/report.py` "
-             f"(results: `{rel}/`).\n")
+    L.append(f"- Reproduce (into a fresh folder, `--results_dir DIR`; in `{rel}/` the finished runs are skipped): "
+             f"`{'`; `'.join(reproduce)}`, then `python benchmarks/report.py`.\n")
 
     # -- stage 1
     raters = [r for r in (read_json(os.path.join(d, f"rater_{scope}.json")) for scope in ("batch", "candidates")) if r]
@@ -245,8 +277,8 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
 
     # -- main table
     L.append(f"{level}# Final quality, paired with uniform (negative difference = better than uniform)\n")
-    head = "| method | seeds | final val. loss | vs uniform (paired) |"
-    sep = "|---|---|---|---|"
+    head = "| method | seeds | final val. loss | seeds paired with uniform | vs uniform (paired) |"
+    sep = "|---|---|---|---|---|"
     if fd:
         head += " final FD | FD vs uniform (paired) |"
         sep += "---|---|"
@@ -255,7 +287,8 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
         rs = runs[m]
         vl = mean_ci([final_val_loss(r) for r in rs.values()])
         dv = mean_ci(list(paired(runs, m, "val_loss").values())) if m != "uniform" else None
-        row = f"| {label(m)} | {len(rs)} | {fmt_ci(vl[0], vl[1])} | {fmt_pct(*dv[:2]) if dv else '—'} |"
+        row = (f"| {label(m)} | {len(rs)} | {fmt_ci(vl[0], vl[1])} | {dv[2] if dv else '—'} | "
+               f"{fmt_pct(*dv[:2]) if dv else '—'} |")
         if fd:
             f = mean_ci([final_fd(r) for r in rs.values()])
             df = mean_ci(list(paired(runs, m, "fd").values())) if m != "uniform" else None
@@ -263,7 +296,8 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
         sps = mean_sd([r.get("s_per_step") for r in rs.values()])[0]
         L.append(row + f" {sps:.3f} |" if finite(sps) else row + " n/a |")
     L.append("\nIntervals: mean ± half-width of the 95 % Student-t interval over seeds; paired columns are "
-             "100 (method - uniform) / uniform per seed, then the interval over seeds (`benchmarks/power.py`).\n")
+             "100 (method - uniform) / uniform per seed, then the interval over the seeds both ran "
+             "(`benchmarks/power.py`).\n")
 
     # -- power budget
     rows = power_rows(runs, "val_loss") + (power_rows(runs, "fd") if fd else [])
@@ -321,10 +355,9 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT):
         L.append(f"Uniform's validation loss changed by {fmt_pct(*fm[:2])} over the last 20 % of the "
                  f"{p.get('steps')} steps (from the last validation at or before step "
                  f"{int(0.8 * p.get('steps', 0))} to the end; mean over {fm[2]} seeds). "
-                 + ("It is flat to within 1 %." if finite(fm[0]) and abs(fm[0]) < 1 else
-                    "It is still falling: the comparison is one of early training." if finite(fm[0]) else "") + "\n")
+                 + flatness_phrase(fm) + "\n")
 
-    png = plot_curves(runs, methods, d)
+    png = plot_curves(runs, methods, d if figures_dir is None else figures_dir, f"{name}_" if figures_dir else "")
     if png:
         L.append(f"![learning curves, {name}]({os.path.relpath(png, doc_dir)})\n")
     return L, summary
@@ -394,8 +427,7 @@ def transfer_section(results_root, level="##"):
     small = load_runs(os.path.join(results_root, small_name)) if os.path.isdir(os.path.join(results_root, small_name)) else {}
     L = [f"{level} Rater transfer: small inner UNet -> larger stage-2 UNet\n"]
     if not big:
-        L.append("No results yet: `python benchmarks/run_benchmark.py --protocol transfer --jobs 2 --max_hours 2.3`.\n")
-        return L
+        return []
     sinfo = read_json(os.path.join(results_root, small_name, "protocol.json"), {})
     L.append(f"Raters meta-trained with the {info.get('stage1_unet_params', 'n/a')}-parameter inner UNet drive stage 2 "
              f"of a {info.get('unet_params', 'n/a')}-parameter UNet "
@@ -461,10 +493,14 @@ def verdict(summaries):
                              f"({c['gap']:+.2f} percentage points from the oracle, {c['n']} shared seeds).")
         fl = s.get("flatness")
         if fl and finite(fl[0]) and abs(fl[0]) >= 1:
-            L.append(f"- Uniform's validation loss still changed by {fl[0]:+.2f} % over the last 20 % of steps: "
-                     "training is not flat, so this compares early training.")
+            L.append(f"- Uniform's validation loss changed by {fmt_pct(fl[0], fl[1])} over the last 20 % of steps. "
+                     + flatness_phrase(fl))
         L.append("")
-    if winners:
+    resolved = [r for s in measured for (m, _), r in s["rows"].items() if m in RATER_METHODS and r["n"] >= 2]
+    if not resolved:
+        L.insert(1, "**Undetermined: no NoiseRater method has been paired with uniform at 2 or more seeds yet, so "
+                    "no interval exists.**\n")
+    elif winners:
         best = min(winners, key=lambda w: w[3]["mean_pct"])
         L.insert(1, f"**Yes: {len(winners)} NoiseRater comparison(s) beat uniform with a 95 % interval below zero. "
                     f"Largest: {label(best[1])} on `{best[0]}` ({'validation loss' if best[2] == 'val_loss' else 'FD'} "
@@ -546,8 +582,8 @@ def valuation_evidence_section(results_root):
     return [open(path).read().rstrip() + "\n"]
 
 
-def plot_curves(runs, methods, out_dir):
-    """Mean validation curves and their ratio to uniform -> ``out_dir/learning_curves.png``."""
+def plot_curves(runs, methods, out_dir, prefix=""):
+    """Mean validation curves and their ratio to uniform -> ``out_dir/<prefix>learning_curves.png``."""
     curves = {m: mean_curve(list(runs[m].values())) for m in methods}
     if not any(curves.values()):
         return None
@@ -569,7 +605,8 @@ def plot_curves(runs, methods, out_dir):
     ax[1].axhline(1.0, color="k", lw=0.5)
     ax[1].set_xlabel("training step"); ax[1].set_ylabel("mean curve / uniform's mean curve")
     fig.tight_layout()
-    path = os.path.join(out_dir, "learning_curves.png")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{prefix}learning_curves.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -587,12 +624,15 @@ def protocol_dirs(results_root):
     return cpu, [n for n in GPU_PROTOCOLS]
 
 
-def build_report(results_root, doc_dir=ROOT):
+def build_report(results_root, doc_dir=ROOT, figures_dir=None):
+    """BENCHMARKS.md text. Learning-curve figures go into each protocol's results folder, or into
+    ``figures_dir`` (as ``<protocol>_learning_curves.png``) when given."""
     cpu, gpu = protocol_dirs(results_root)
     costs = rater_costs(results_root)
     body, summaries = [], []
     for name in cpu:
-        lines, s = protocol_section(name, os.path.join(results_root, name), results_root, costs, doc_dir=doc_dir)
+        lines, s = protocol_section(name, os.path.join(results_root, name), results_root, costs, doc_dir=doc_dir,
+                                    figures_dir=figures_dir)
         body += lines
         summaries.append(s)
         if name == "transfer":
@@ -600,7 +640,7 @@ def build_report(results_root, doc_dir=ROOT):
     gpu_body, gpu_summaries = [], []
     for name in gpu:
         lines, s = protocol_section(name, os.path.join(results_root, name), results_root, costs, level="###",
-                                    doc_dir=doc_dir)
+                                    doc_dir=doc_dir, figures_dir=figures_dir)
         gpu_body += lines
         gpu_summaries.append(s)
     L = ["# Benchmarks\n",
@@ -611,8 +651,10 @@ def build_report(results_root, doc_dir=ROOT):
          "Workflow: a pilot (`python benchmarks/run_benchmark.py --protocol digits8 --seeds 0 1 2 --jobs 2 --max_hours 2.3`), "
          "then `python benchmarks/power.py benchmarks/results/digits8` gives the seeds each method needs for the "
          "budget (95 % half-width of the paired difference <= 2 % for validation loss, <= 5 % for FD); run more "
-         "seeds with `--seeds 0 1 ... n-1` (finished runs are skipped), commit `benchmarks/results/` after each "
-         "piece, and regenerate this file.\n"]
+         "seeds for one method *and for uniform*, which it is paired with (`--methods knn uniform --seeds 0 1 ... n-1`; "
+         "finished runs are skipped; the oracle also needs `--method_seeds oracle=...`), commit `benchmarks/results/` "
+         "after each piece, and regenerate this file. To reproduce a table from scratch, give `--results_dir` a "
+         "fresh folder (its runs go to `<results_dir>.runs`) and `report.py --results_root` its parent.\n"]
     L += verdict(summaries)
     L += body
     L.append("## GPU protocol (reported separately)\n")
@@ -631,7 +673,10 @@ def main(argv=None):
     ap.add_argument("--results_root", default=os.path.join(HERE, "results"))
     ap.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
     a = ap.parse_args(argv)
-    text = build_report(a.results_root, os.path.dirname(os.path.abspath(a.output)))
+    out_dir = os.path.dirname(os.path.abspath(a.output))
+    default = os.path.abspath(a.output) == os.path.join(ROOT, "BENCHMARKS.md") and \
+        os.path.abspath(a.results_root) == os.path.join(HERE, "results")
+    text = build_report(a.results_root, out_dir, figures_dir=None if default else out_dir)
     with open(a.output, "w") as f:
         f.write(text)
     print(f"wrote {a.output}")

@@ -22,7 +22,7 @@ Per protocol:
    floor (two disjoint real halves) is written once to ``results/<protocol>/fd_floor.json``.
 
 A finished run writes ``results/<protocol>/run_<method>_seed<k>.json`` and is skipped afterwards. Each training
-run's output goes to ``runs/<protocol>/logs/<run>.log``. ``--jobs 2`` runs two trainings at once (one thread
+run's output goes to ``<runs_dir>/logs/<run>.log`` (default runs dir: ``benchmarks/runs/<protocol>``). ``--jobs 2`` runs two trainings at once (one thread
 each on 2 cores): stage 1's two scopes together, then stage-2 runs in plan order.
 ``--max_hours`` bounds one invocation: a job whose estimated time (from the runs already finished) does not fit
 is not started, and a job still running at the deadline is stopped (it resumes from its last checkpoint next
@@ -47,7 +47,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from noise_rater.training_utils import read_jsonl  # noqa: E402
 from protocols import (METHODS, PROTOCOLS, ProtocolError, fd_off_protocol, fd_step, get_protocol,  # noqa: E402
                        seeds_for, stage1_key)
 
@@ -243,7 +242,7 @@ class Benchmark:
                                                           self.p["num_channels"]),
                 "fd_off_protocol": fd_off_protocol(self.p),
                 "stage1_seed_note": STAGE1_SEED_NOTE.format(seed=self.p["stage1"]["seed"]),
-                "command": self.command_line, "machine": machine_description(), "date": time.strftime("%Y-%m-%d")}
+                "command": self.command_line, "machine": machine_description(self.threads_per_job), "date": time.strftime("%Y-%m-%d")}
         path = os.path.join(self.results_dir, "protocol.json")
         if os.path.exists(path):  # keep the first machine/date; record every command used
             old = read_json(path)
@@ -487,6 +486,8 @@ class Benchmark:
 
 def collect(p, method, seed, out, fd):
     """The result record of one finished stage-2 run (everything the report needs, and nothing measured twice)."""
+    from noise_rater.training_utils import read_jsonl
+
     final = read_json(os.path.join(out, "final_metrics.json"))
     rows = read_jsonl(os.path.join(out, "validation.jsonl"))
     curve = sorted(dict((int(r["step"]), float(r["val_loss"])) for r in rows if "val_loss" in r).items())
@@ -540,12 +541,14 @@ def read_idx_images(path):
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w).copy()
 
 
-def machine_description():
+def machine_description(threads_per_job=None):
+    """The machine, and the torch threads of each training run (``threads_per_job``, else this process's)."""
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    threads = threads_per_job or torch.get_num_threads()
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {threads} thread(s) per training run")
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
@@ -566,16 +569,63 @@ def parse_method_seeds(items):
     return out
 
 
+def _check_overrides(a, base):
+    """UsageError naming the flag and value for overrides that cannot make a valid protocol."""
+    for flag in ("steps", "batch_size", "validation_steps", "num_validation_triples", "checkpointing_steps",
+                 "meta_steps", "fd_generated", "fd_real", "fd_inference_steps"):
+        v = getattr(a, flag)
+        if v is not None and v < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {v}")
+    for flag in ("methods", "seeds"):
+        v = getattr(a, flag) or []
+        dup = sorted({x for x in v if v.count(x) > 1}, key=str)
+        if dup:
+            raise UsageError(f"--{flag} lists {', '.join(map(str, dup))} more than once")
+    if any(s < 0 for s in a.seeds or []):
+        raise UsageError(f"--seeds must be >= 0, got {a.seeds}")
+    fd_flags = [f"--{k}" for k in ("fd_generated", "fd_real", "fd_inference_steps") if getattr(a, k) is not None]
+    if fd_flags and (a.no_fd or not base.get("fd")):
+        raise UsageError(f"{', '.join(fd_flags)}: protocol {a.protocol!r} computes no FD"
+                         + (" (--no_fd)" if a.no_fd else ""))
+
+
+def check_seed_selection(p, explicit_methods=(), explicit_method_seeds=()):
+    """UsageError when a requested method would run at no seed, or --method_seeds names seeds outside the
+    protocol's seeds; returns notes (str) on methods the protocol's own method_seeds leave without a seed."""
+    notes = []
+    seeds = set(p["seeds"])
+    for m in explicit_method_seeds:
+        outside = [s for s in p["method_seeds"][m] if s not in seeds]
+        if outside:
+            raise UsageError(f"--method_seeds {m}=...: seed(s) {', '.join(map(str, outside))} not among the seeds "
+                             f"{sorted(seeds)}; add them to --seeds")
+        if not p["method_seeds"][m]:
+            raise UsageError(f"--method_seeds {m}= names no seed")
+    for m in p["methods"]:
+        if not seeds_for(p, m):
+            msg = (f"method {m!r} runs at no seed: its seeds {p['method_seeds'][m]} are not among {sorted(seeds)}")
+            if m in explicit_methods:
+                raise UsageError(msg + f"; pass --method_seeds {m}=" + ",".join(map(str, sorted(seeds))))
+            notes.append(msg + " (skipped)")
+    return notes
+
+
 def build_protocol(a):
-    """The protocol named by ``a.protocol`` with the command line's overrides."""
+    """The protocol named by ``a.protocol`` with the command line's overrides.
+
+    Raises:
+        UsageError: an override that is out of range, listed twice, meaningless for the protocol, or that leaves
+            an explicitly requested method without a seed (names the flag and the value)."""
     base = PROTOCOLS[a.protocol]
+    _check_overrides(a, base)
     o = {}
     if a.methods:
         o["methods"] = a.methods
     if a.seeds is not None:
         o["seeds"] = a.seeds
-    if a.method_seeds:
-        o["method_seeds"] = {**base.get("method_seeds", {}), **parse_method_seeds(a.method_seeds)}
+    explicit_ms = parse_method_seeds(a.method_seeds)
+    if explicit_ms:
+        o["method_seeds"] = {**base.get("method_seeds", {}), **explicit_ms}
     for key in ("steps", "batch_size", "validation_steps", "num_validation_triples", "checkpointing_steps"):
         if getattr(a, key) is not None:
             o[key] = getattr(a, key)
@@ -584,21 +634,40 @@ def build_protocol(a):
     if a.no_fd:
         o["fd"] = None
         o["fd_note"] = "FD disabled on the command line (--no_fd)."
-    elif base.get("fd") and (a.fd_generated or a.fd_real or a.fd_inference_steps):
-        o["fd"] = {**base["fd"], **{k: v for k, v in (("num_generated", a.fd_generated), ("num_real", a.fd_real),
-                                                      ("num_inference_steps", a.fd_inference_steps)) if v}}
+    elif base.get("fd"):
+        given = {k: v for k, v in (("num_generated", a.fd_generated), ("num_real", a.fd_real),
+                                   ("num_inference_steps", a.fd_inference_steps)) if v is not None}
+        if given:
+            o["fd"] = {**base["fd"], **given}
     try:
-        return get_protocol(a.protocol, o)
+        p = get_protocol(a.protocol, o)
     except ProtocolError as e:
         raise UsageError(str(e)) from None
+    p_notes = check_seed_selection(p, a.methods or (), explicit_ms)
+    for n in p_notes:
+        print(f"note: {n}", file=sys.stderr)
+    return p
+
+
+def default_runs_dir(results_dir, protocol):
+    """``benchmarks/runs/<protocol>`` for the default results folder, else ``<results_dir>.runs``: a results
+    folder elsewhere never shares (and so never reuses) another folder's training runs."""
+    if os.path.abspath(results_dir) == os.path.join(HERE, "results", protocol):
+        return os.path.join(HERE, "runs", protocol)
+    return os.path.abspath(results_dir).rstrip(os.sep) + ".runs"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", required=True, choices=list(PROTOCOLS))
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="A subset of the protocol's methods.")
-    ap.add_argument("--seeds", type=int, nargs="+", help="Replace the protocol's seeds (method_seeds stay a subset).")
-    ap.add_argument("--method_seeds", nargs="+", metavar="METHOD=S1,S2", help="Seeds of one method, e.g. oracle=0,1.")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS),
+                    help="Methods to run (default: the protocol's). Pair a method with uniform at the same seeds: "
+                         "the tables compare each method with uniform on the seeds both have run.")
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="Seeds to run (default: the protocol's). A method with its own seeds in the protocol "
+                         "(the oracle) runs at those of them that are listed here; see --method_seeds.")
+    ap.add_argument("--method_seeds", nargs="+", metavar="METHOD=S1,S2",
+                    help="Seeds of one method, a subset of --seeds, e.g. --seeds 0 1 2 3 --method_seeds oracle=0,1,2,3.")
     ap.add_argument("--jobs", type=int, default=1,
                     help="Training runs at once (e.g. 2 on 2 CPU cores); each gets --threads_per_job threads.")
     ap.add_argument("--threads_per_job", type=int, default=None,
@@ -616,7 +685,8 @@ def main(argv=None):
     ap.add_argument("--fd_inference_steps", type=int)
     ap.add_argument("--no_fd", action="store_true")
     ap.add_argument("--results_dir", help="Default benchmarks/results/<protocol>.")
-    ap.add_argument("--runs_dir", help="Default benchmarks/runs/<name of the results dir>.")
+    ap.add_argument("--runs_dir", help="Checkpoints and logs. Default: benchmarks/runs/<protocol> for the default "
+                                       "--results_dir, else <results_dir>.runs next to it.")
     ap.add_argument("--raters_dir", default=os.path.join(HERE, "runs", "raters"), help="Stage-1 rater cache.")
     ap.add_argument("--dry_run", action="store_true", help="Print the resolved protocol and the pending jobs.")
     a = ap.parse_args(argv)
@@ -625,7 +695,7 @@ def main(argv=None):
             raise UsageError(f"--max_hours must be > 0, got {a.max_hours}")
         p = build_protocol(a)
         results_dir = os.path.abspath(a.results_dir or os.path.join(HERE, "results", a.protocol))
-        runs_dir = os.path.abspath(a.runs_dir or os.path.join(HERE, "runs", os.path.basename(results_dir)))
+        runs_dir = os.path.abspath(a.runs_dir or default_runs_dir(results_dir, a.protocol))
         deadline = time.time() + 3600 * a.max_hours if a.max_hours else None
         threads = a.threads_per_job
         if threads is None and a.jobs > 1:
@@ -636,10 +706,12 @@ def main(argv=None):
                               sys.argv[1:] if argv is None else argv))
         if a.dry_run:
             bench.check_results_dir()
+            scopes = sorted({METHODS[m]["rater_scope"] for _, m in bench.pending() if METHODS[m]["rater_scope"]})
+            cached = [s for s in scopes if os.path.exists(os.path.join(bench.rater_dir(s), "meta_summary.json"))]
             print(json.dumps({"protocol": p, "results_dir": results_dir, "runs_dir": runs_dir,
-                              "pending": bench.pending(),
-                              "stage1_needed": sorted({METHODS[m]["rater_scope"] for _, m in bench.pending()
-                                                       if METHODS[m]["rater_scope"]})}, indent=2))
+                              "pending": bench.pending(), "num_pending": len(bench.pending()),
+                              "stage1_to_train": [s for s in scopes if s not in cached],
+                              "stage1_cached": {s: bench.rater_dir(s) for s in cached}}, indent=2))
             return 0
         left = bench.run()
     except UsageError as e:

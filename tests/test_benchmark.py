@@ -189,11 +189,45 @@ def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
     assert rb.main(["--protocol", "digits8", "--methods", "uniform", "--seeds", "0", "--results_dir", rd,
                     "--dry_run"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["stage1_needed"] == [] and out["pending"] == [[0, "uniform"]]
+    assert out["stage1_to_train"] == [] and out["pending"] == [[0, "uniform"]] and out["num_pending"] == 1
+    assert out["runs_dir"] == rd + ".runs"  # a results folder elsewhere never reuses benchmarks/runs/<protocol>
     assert not os.path.exists(rd)  # a dry run writes nothing
     assert rb.main(["--protocol", "digits8", "--steps", "2005", "--dry_run", "--results_dir", rd]) == 2
     assert "error: protocol 'digits8'" in capsys.readouterr().err
     assert rb.main(["--protocol", "digits8", "--method_seeds", "oracle", "--dry_run", "--results_dir", rd]) == 2
+    # a cached rater is reported as such
+    raters = tmp_path / "raters"
+    p = protocols.get_protocol("digits8")
+    (raters / protocols.stage1_key(p, "candidates")).mkdir(parents=True)
+    (raters / protocols.stage1_key(p, "candidates") / "meta_summary.json").write_text("{}")
+    assert rb.main(["--protocol", "digits8", "--methods", "rater_cand", "rater_batch", "--seeds", "0",
+                    "--results_dir", rd, "--raters_dir", str(raters), "--dry_run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stage1_to_train"] == ["batch"] and list(out["stage1_cached"]) == ["candidates"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1, got 0"),
+    (["--batch_size", "-3"], "--batch_size must be >= 1, got -3"),
+    (["--meta_steps", "0"], "--meta_steps must be >= 1, got 0"),
+    (["--seeds", "-1"], "--seeds must be >= 0"),
+    (["--methods", "uniform", "uniform"], "--methods lists uniform more than once"),
+    (["--seeds", "1", "1"], "--seeds lists 1 more than once"),
+    (["--fd_generated", "100"], "--fd_generated: protocol 'digits8' computes no FD"),
+    (["--methods", "uniform", "oracle", "--seeds", "5", "6"], "method 'oracle' runs at no seed"),
+    (["--methods", "knn", "--method_seeds", "knn=10,11"], "seed(s) 10, 11 not among the seeds"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+])
+def test_cli_rejects_bad_overrides_naming_the_flag(tmp_path, capsys, argv, message):
+    assert rb.main(["--protocol", "digits8", "--results_dir", str(tmp_path / "r"), "--dry_run", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_notes_a_method_its_protocol_seeds_leave_out(tmp_path, capsys):
+    assert rb.main(["--protocol", "digits8", "--seeds", "5", "--results_dir", str(tmp_path / "r"), "--dry_run"]) == 0
+    cap = capsys.readouterr()
+    assert "note: method 'oracle' runs at no seed" in cap.err
+    assert [m for _, m in json.loads(cap.out)["pending"]] == [m for m in protocols.METHOD_ORDER if m != "oracle"]
 
 
 class Clock:
@@ -414,7 +448,7 @@ def test_report_verdict_yes_with_oracle_fraction(tmp_path):
     assert "wider than" not in text
     assert os.path.exists(os.path.join(root, "digits8", "learning_curves.png"))
     # uniform's curve falls 9 % over the last 20 % of steps in the synthetic data: flagged
-    assert "training is not flat" in text
+    assert "over the last 20 % of steps. It is still falling" in text
 
 
 def test_report_verdict_no_and_over_budget(tmp_path):
@@ -449,7 +483,33 @@ def test_report_cli_writes_file(tmp_path):
     assert report.main(["--results_root", root, "--output", out]) == 0
     text = open(out).read()
     assert "No protocol has both uniform and NoiseRater results yet" in text
-    assert "`python benchmarks/run_benchmark.py --protocol digits8`" in text
+    # the reproduce line reruns what the tables report; figures go next to --output, not into the results
+    assert ("`python benchmarks/run_benchmark.py --protocol digits8 --methods uniform knn --seeds 0 1 --jobs 2`"
+            in text)
+    assert os.path.exists(str(tmp_path / "digits8_learning_curves.png"))
+    assert not os.path.exists(os.path.join(root, "digits8", "learning_curves.png"))
+    # different seed sets: one command per group; a method with protocol seeds of its own gets --method_seeds
+    _write_synthetic(root, "digits8", {"knn": 1.0, "oracle": -1.0, "rater_cand": 0.5}, [0, 1, 2], oracle_seeds=[0, 1])
+    os.remove(os.path.join(root, "digits8", "run_rater_cand_seed2.json"))
+    cmds = report.reproduce_commands("digits8", protocols.get_protocol("digits8"), report.load_runs(
+        os.path.join(root, "digits8")))
+    assert cmds == ["python benchmarks/run_benchmark.py --protocol digits8 --methods uniform knn --seeds 0 1 2 --jobs 2",
+                    "python benchmarks/run_benchmark.py --protocol digits8 --methods rater_cand oracle --seeds 0 1 "
+                    "--method_seeds oracle=0,1 --jobs 2"]
+
+
+def test_report_verdict_undetermined_with_one_rater_seed(tmp_path):
+    root = str(tmp_path / "results")
+    _write_synthetic(root, "digits8", {"knn": 1.0, "rater_cand": -5.0}, [0])
+    text = report.build_report(root, str(tmp_path), figures_dir=str(tmp_path))
+    assert "**Undetermined: no NoiseRater method has been paired with uniform at 2 or more seeds" in text
+    assert "**No:" not in text and "**Yes:" not in text
+
+
+def test_flatness_phrase_needs_an_interval_excluding_zero():
+    assert report.flatness_phrase((-0.5, 2.0, 3)).startswith("It is flat to within 1 %")
+    assert report.flatness_phrase((-1.5, 1.0, 3)).startswith("It is still falling")
+    assert "not shown to be flat" in report.flatness_phrase((-1.03, 2.40, 3))
 
 
 def test_fd_reference_reads_the_fashion_mnist_test_split(tmp_path, monkeypatch):
