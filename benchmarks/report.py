@@ -364,26 +364,33 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, fig
 
 
 def reach_table(name, p, runs, methods, costs, level, fd):
+    """Steps (and seconds) each method needs to reach uniform's final quality, paired by seed: a method is
+    compared with uniform on the seeds both ran, so a method run at fewer seeds (the oracle) is not measured
+    against a target set by other seeds."""
     L = [f"{level}# Steps and wall-clock to reach uniform's final quality\n"]
-    target = mean_sd([final_val_loss(r) for r in runs["uniform"].values()])[0]
-    fd_target = mean_sd([final_fd(r) for r in runs["uniform"].values()])[0] if fd else float("nan")
-    L.append(f"Target: uniform's mean final validation loss {target:.5f}"
-             + (f" and mean final FD {fd_target:.2f}" if finite(fd_target) else "")
-             + ". Steps: first step at which the method's mean curve (over its seeds) reaches the target, linearly "
-             "interpolated between validations (FD: between FD evaluations). Wall-clock: those steps times the "
-             "method's measured seconds per step (selection + training, validation excluded). Stage 1, for rater "
-             "methods: its cost divided over all stage-2 runs that used the same cached rater (amortised), and in "
-             "full. Per-step times were measured on a shared machine: differences below ~20 % are load noise.\n")
-    head = "| method | steps to val. target | vs uniform | wall-clock s | + stage 1 amortised s | + stage 1 in full s |"
-    if finite(fd_target):
-        head += " steps to FD target |"
-    L += [head, "|---|---|---|---|---|---|" + ("---|" if finite(fd_target) else "")]
-    base = None
+    has_fd = bool(fd) and any(finite(final_fd(r)) for r in runs["uniform"].values())
+    L.append("Paired by seed: for each method, the target is uniform's mean final validation loss"
+             + (" (and mean final FD)" if has_fd else "") + " over the seeds both ran, and the steps are the first "
+             "step at which the method's mean curve over those seeds reaches it, linearly interpolated between "
+             "validations (FD: between FD evaluations); 'vs uniform' divides by the steps uniform's own mean curve "
+             "over the same seeds needs. Wall-clock: those steps times the method's measured seconds per step "
+             "(selection + training, validation excluded). Stage 1, for rater methods: its cost divided over all "
+             "stage-2 runs that used the same cached rater (amortised), and in full. Per-step times were measured on "
+             "a shared machine: differences below ~20 % are load noise.\n")
+    head = ("| method | seeds | target val. loss | steps to target | vs uniform | wall-clock s | + stage 1 amortised s "
+            "| + stage 1 in full s |")
+    if has_fd:
+        head += " steps to FD target | vs uniform |"
+    L += [head, "|---|---|---|---|---|---|---|---|" + ("---|---|" if has_fd else "")]
     for m in methods:
-        rs = list(runs[m].values())
+        common = sorted(set(runs[m]) & set(runs["uniform"]))
+        if not common:
+            continue
+        rs = [runs[m][s] for s in common]
+        us = [runs["uniform"][s] for s in common]
+        target = mean_sd([final_val_loss(r) for r in us])[0]
         reach = first_crossing(mean_curve(rs), target)
-        if m == "uniform":
-            base = reach
+        base = first_crossing(mean_curve(us), target)
         sps = mean_sd([r.get("s_per_step") for r in rs])[0]
         wall = reach * sps if reach is not None and finite(sps) else None
         amort = full = "—"
@@ -396,12 +403,15 @@ def reach_table(name, p, runs, methods, costs, level, fd):
             else:
                 amort = full = "stage-1 cost not recorded"
         ratio = f"{reach / base:.2f}x" if reach is not None and base else "n/a"
-        row = (f"| {label(m)} | {f'{reach:.0f}' if reach is not None else 'not reached'} | {ratio} | "
+        row = (f"| {label(m)} | {','.join(map(str, common))} | {target:.5f} | "
+               f"{f'{reach:.0f}' if reach is not None else 'not reached'} | {ratio} | "
                f"{f'{wall:.0f}' if wall is not None else 'not reached'} | {amort} | {full} |")
-        if finite(fd_target):
-            fd_curve = fd_mean_curve(rs)
-            fr = first_crossing(fd_curve, fd_target)
-            row += f" {f'{fr:.0f}' if fr is not None else 'not reached'} |"
+        if has_fd:
+            fd_target = mean_sd([final_fd(r) for r in us])[0]
+            fr = first_crossing(fd_mean_curve(rs), fd_target)
+            fb = first_crossing(fd_mean_curve(us), fd_target)
+            row += (f" {f'{fr:.0f}' if fr is not None else 'not reached'} | "
+                    f"{f'{fr / fb:.2f}x' if fr is not None and fb else 'n/a'} |")
         L.append(row)
     L.append("")
     return L

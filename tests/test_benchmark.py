@@ -441,7 +441,11 @@ def test_report_verdict_yes_with_oracle_fraction(tmp_path):
     assert "**Yes: 1 NoiseRater comparison(s) beat uniform" in text
     # stage 1: 600 s shared by the 6 rater_cand runs -> 100 s each; reach: 938 steps x 0.1 s = 94 s (+100, +600)
     assert "| candidates | `k-rater_cand` | 300 | 600 | 6 | 100 | 1.00e-04 |" in text
-    assert "| NoiseRater, candidate-scope rater, argmax | 938 | 0.94x | 94 | 194 | 694 |" in text
+    assert ("| NoiseRater, candidate-scope rater, argmax | 0,1,2,3,4,5 | 0.05125 | 938 | 0.94x | 94 | 194 | 694 |"
+            in text)
+    # the oracle (seeds 0-3) is measured against uniform's mean over seeds 0-3 (0.05075), not over all six seeds:
+    # 0.94 x 0.05075 (1 + 0.5 (1000 - k) / 1000) = 0.05075 at k = 872 (an unpaired target 0.05125 would give 851)
+    assert "| oracle (one-step influence, the ceiling) | 0,1,2,3 | 0.05075 | 872 | 0.87x |" in text
     assert "beats uniform by 3.00 %" in text
     # fraction over the oracle's seeds 0..3: jitter cancels in pairs -> -3 / -6
     assert "captures 0.50 of the oracle's gain" in text
