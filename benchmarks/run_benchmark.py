@@ -334,6 +334,8 @@ class Benchmark:
 
     # -- stage 2
     def run_one(self, method, seed):
+        if os.path.exists(self.result_path(method, seed)):  # finished meanwhile by another invocation
+            return read_json(self.result_path(method, seed))
         scope = METHODS[method]["rater_scope"]
         rater = self.ensure_rater(scope) if scope else None
         out = self.run_dir(method, seed)

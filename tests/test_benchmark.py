@@ -313,6 +313,15 @@ def test_parallel_failure_stops_new_jobs_and_is_raised(tmp_path):
     assert len(runner.stage2()) == 2  # seeds 0 and 1 started together; nothing new after the failure
 
 
+def test_a_run_finished_by_another_invocation_is_not_redone(tmp_path):
+    runner = FakeRunner()
+    b = _bench(tmp_path, runner=runner, methods=["uniform"])
+    os.makedirs(b.results_dir)
+    with open(b.result_path("uniform", 0), "w") as f:
+        json.dump({"method": "uniform", "seed": 0}, f)
+    assert b.run_one("uniform", 0) == {"method": "uniform", "seed": 0} and runner.commands == []
+
+
 def test_jobs_must_be_positive(tmp_path):
     with pytest.raises(rb.UsageError, match="--jobs must be >= 1"):
         rb.Benchmark(protocols.get_protocol("digits8"), str(tmp_path), str(tmp_path), str(tmp_path), jobs=0)
