@@ -126,7 +126,21 @@ FD_MIN_REAL = 5000
 
 
 class ProtocolError(ValueError):
-    """A protocol or an override is inconsistent (names the key and the value)."""
+    """A protocol or an override is inconsistent (names the key and the value).
+
+    ``key`` (a dotted path such as ``"stage1.meta_steps"``) and ``value`` are set for range errors, so that a
+    command line can name its own flag for the same check."""
+
+    def __init__(self, message, key=None, value=None):
+        super().__init__(message)
+        self.key = key
+        self.value = value
+
+
+# Keys that must be positive ints (dotted paths; the fd.* ones only when the protocol computes FD).
+POSITIVE_INT_KEYS = ("steps", "batch_size", "validation_steps", "num_validation_triples", "checkpointing_steps",
+                     "num_candidate_noises", "stage1.meta_steps", "fd.num_generated", "fd.num_real",
+                     "fd.num_inference_steps")
 
 
 def get_protocol(name, overrides=None):
@@ -158,19 +172,18 @@ def check_protocol(p):
             raise ProtocolError(f"protocol {name!r}: method_seeds names unknown method {m!r}")
         if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
             raise ProtocolError(f"protocol {name!r}: method_seeds[{m!r}] must be a list of ints, got {seeds!r}")
-    for key in ("steps", "batch_size", "validation_steps", "num_validation_triples", "checkpointing_steps"):
-        if not isinstance(p[key], int) or p[key] < 1:
-            raise ProtocolError(f"protocol {name!r}: {key} must be a positive int, got {p[key]!r}")
-    if not isinstance(p["stage1"].get("meta_steps"), int) or p["stage1"]["meta_steps"] < 1:
-        raise ProtocolError(f"protocol {name!r}: stage1.meta_steps must be a positive int, got "
-                            f"{p['stage1'].get('meta_steps')!r}")
+    for key in POSITIVE_INT_KEYS:
+        head, _, tail = key.partition(".")
+        if tail and p.get(head) is None:
+            continue
+        v = p[head].get(tail) if tail else p[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ProtocolError(f"protocol {name!r}: {key} must be a positive int, got {v!r}", key=key, value=v)
     if any(not isinstance(s, int) or s < 0 for s in p["seeds"]):
         raise ProtocolError(f"protocol {name!r}: seeds must be ints >= 0, got {p['seeds']!r}")
     if p["steps"] % p["validation_steps"]:
         raise ProtocolError(f"protocol {name!r}: steps ({p['steps']}) must be a multiple of validation_steps "
                             f"({p['validation_steps']}) so that the final step is validated")
-    if p["num_candidate_noises"] < 1:
-        raise ProtocolError(f"protocol {name!r}: num_candidate_noises must be >= 1, got {p['num_candidate_noises']}")
     fd = p.get("fd")
     if fd is not None:
         for f in fd["at_fractions"]:

@@ -571,13 +571,16 @@ def parse_method_seeds(items):
     return out
 
 
+# The command-line flag of each protocol key it overrides (range errors from protocols.check_protocol name it).
+FLAG_OF_KEY = {"steps": "steps", "batch_size": "batch_size", "validation_steps": "validation_steps",
+               "num_validation_triples": "num_validation_triples", "checkpointing_steps": "checkpointing_steps",
+               "stage1.meta_steps": "meta_steps", "fd.num_generated": "fd_generated", "fd.num_real": "fd_real",
+               "fd.num_inference_steps": "fd_inference_steps"}
+
+
 def _check_overrides(a, base):
-    """UsageError naming the flag and value for overrides that cannot make a valid protocol."""
-    for flag in ("steps", "batch_size", "validation_steps", "num_validation_triples", "checkpointing_steps",
-                 "meta_steps", "fd_generated", "fd_real", "fd_inference_steps"):
-        v = getattr(a, flag)
-        if v is not None and v < 1:
-            raise UsageError(f"--{flag} must be >= 1, got {v}")
+    """UsageError naming the flag for overrides that no protocol check can attribute to a flag (duplicates,
+    negative seeds, FD flags on a protocol without FD); ranges are checked by ``protocols.check_protocol``."""
     for flag in ("methods", "seeds"):
         v = getattr(a, flag) or []
         dup = sorted({x for x in v if v.count(x) > 1}, key=str)
@@ -644,6 +647,9 @@ def build_protocol(a):
     try:
         p = get_protocol(a.protocol, o)
     except ProtocolError as e:
+        flag = FLAG_OF_KEY.get(e.key)
+        if flag is not None and getattr(a, flag) is not None:
+            raise UsageError(f"--{flag} must be >= 1, got {e.value}") from None
         raise UsageError(str(e)) from None
     p_notes = check_seed_selection(p, a.methods or (), explicit_ms)
     for n in p_notes:

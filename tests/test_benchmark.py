@@ -164,6 +164,14 @@ def test_protocol_checks():
     small = protocols.get_protocol("fmnist16", {"fd": {**protocols.PROTOCOLS["fmnist16"]["fd"], "num_generated": 64}})
     assert "64 generated" in protocols.fd_off_protocol(small)
     fd = protocols.PROTOCOLS["fmnist16"]["fd"]
+    for overrides, key, value in [({"num_candidate_noises": 0}, "num_candidate_noises", 0),
+                                  ({"batch_size": 2.5}, "batch_size", 2.5),
+                                  ({"stage1": {**protocols.STAGE1_DEFAULT, "meta_steps": 0}}, "stage1.meta_steps", 0),
+                                  ({"fd": {**fd, "num_real": -1}}, "fd.num_real", -1)]:
+        with pytest.raises(protocols.ProtocolError, match=f"{key} must be a positive int") as e:
+            protocols.get_protocol("fmnist16", overrides)
+        assert (e.value.key, e.value.value) == (key, value)
+    fd = protocols.PROTOCOLS["fmnist16"]["fd"]
     assert fd["num_generated"] >= 2000 and fd["num_real"] >= 5000
 
 
@@ -220,6 +228,15 @@ def test_cli_dry_run_and_usage_errors(tmp_path, capsys):
 ])
 def test_cli_rejects_bad_overrides_naming_the_flag(tmp_path, capsys, argv, message):
     assert rb.main(["--protocol", "digits8", "--results_dir", str(tmp_path / "r"), "--dry_run", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fd_generated", "0"], "--fd_generated must be >= 1, got 0"),
+    (["--fd_inference_steps", "-2"], "--fd_inference_steps must be >= 1, got -2"),
+])
+def test_cli_rejects_bad_fd_overrides_naming_the_flag(tmp_path, capsys, argv, message):
+    assert rb.main(["--protocol", "fmnist16", "--results_dir", str(tmp_path / "r"), "--dry_run", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
