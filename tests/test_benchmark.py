@@ -339,6 +339,28 @@ def test_a_run_finished_by_another_invocation_is_not_redone(tmp_path):
     assert b.run_one("uniform", 0) == {"method": "uniform", "seed": 0} and runner.commands == []
 
 
+def test_fd_reference_time_is_not_charged_to_the_run_that_computes_it(tmp_path):
+    clock = Clock()
+    p = protocols.get_protocol("fmnist16", {"steps": 20, "validation_steps": 10, "checkpointing_steps": 10,
+                                            "seeds": [0, 1], "methods": ["uniform"]})
+    b = rb.Benchmark(p, str(tmp_path / "res"), str(tmp_path / "runs"), str(tmp_path / "raters"),
+                     run_command=FakeRunner(), clock=clock, log=lambda *a: None)
+
+    def reference():  # the real one reads 10,000 images and extracts their features once
+        clock.t += 500.0
+        return {"images": None, "features": None}, {}
+
+    def evaluate_fd(method, seed, out):
+        b.fd_reference()
+        clock.t += 30.0  # sampling + features of the generated images: this run's own cost
+        return {"20": {"fd_efflite0": 1.0}}
+
+    b._fd_reference, b.evaluate_fd = reference, evaluate_fd
+    assert b.run() == []
+    assert [json.load(open(b.result_path("uniform", s)))["eval_s"] for s in (0, 1)] == [30.0, 30.0]
+    assert clock.t == 560.0  # the reference was computed once
+
+
 def test_jobs_must_be_positive(tmp_path):
     with pytest.raises(rb.UsageError, match="--jobs must be >= 1"):
         rb.Benchmark(protocols.get_protocol("digits8"), str(tmp_path), str(tmp_path), str(tmp_path), jobs=0)
