@@ -419,6 +419,7 @@ class Benchmark:
         from noise_rater.checkpointing import load_module_state
         from noise_rater.evaluation import evaluate_pipeline
 
+        self._limit_torch_threads(torch)
         fd = self.p["fd"]
         ref, _ = self.fd_reference()
         pipe = DDPMPipeline.from_pretrained(out)
@@ -454,6 +455,12 @@ class Benchmark:
                 self._reference_s[threading.get_ident()] = self._thread_reference_s() + self.clock() - t0
             return self._fd_ref
 
+    def _limit_torch_threads(self, torch):
+        """FD runs in this process, beside the training runs: it gets the same --threads_per_job (torch's default,
+        all cores, would oversubscribe the cores the training runs use)."""
+        if self.threads_per_job:
+            torch.set_num_threads(self.threads_per_job)
+
     def _thread_reference_s(self):
         """Seconds this thread has spent computing the FD reference (kept out of a run's ``eval_s``)."""
         return self._reference_s.get(threading.get_ident(), 0.0)
@@ -465,6 +472,7 @@ class Benchmark:
         from noise_rater.evaluation import (EfficientNetLite0Features, compute_features, feature_statistics,
                                             frechet_distance)
 
+        self._limit_torch_threads(torch)
         fd = self.p["fd"]
         images, source = real_images_for_fd(self.p)
         n = fd["num_real"]
