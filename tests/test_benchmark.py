@@ -171,7 +171,6 @@ def test_protocol_checks():
         with pytest.raises(protocols.ProtocolError, match=f"{key} must be a positive int") as e:
             protocols.get_protocol("fmnist16", overrides)
         assert (e.value.key, e.value.value) == (key, value)
-    fd = protocols.PROTOCOLS["fmnist16"]["fd"]
     assert fd["num_generated"] >= 2000 and fd["num_real"] >= 5000
 
 
