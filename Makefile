@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-fmnist report install clean
+.PHONY: demo test test-fast bench bench-long bench-fmnist report install clean
 
 $(STAMP): requirements.txt setup.py
 	python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/report.py
 
 # The same on Fashion-MNIST 16x16 (with FD).
+bench-long: $(STAMP)
+	$(PY) benchmarks/run_benchmark.py --protocol digits8_long --jobs 2 --max_hours 2.3
+	$(PY) benchmarks/report.py
+
 bench-fmnist: $(STAMP)
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
 	$(PY) benchmarks/run_benchmark.py --protocol fmnist16 --jobs 2 --max_hours 2.3

@@ -24,7 +24,8 @@ sys.path.insert(0, HERE)
 
 from power import (BUDGET_PCT, METRICS, final_fd, final_val_loss, load_runs, markdown_table,  # noqa: E402
                    mean_ci, mean_sd, paired_relative_differences, power_rows)
-from protocols import METHOD_ORDER, METHODS, PROTOCOLS, RATER_METHODS  # noqa: E402
+from protocols import (DEFAULT_LR_SCHEDULER, METHOD_ORDER, METHODS, PROTOCOLS, RATER_METHODS,  # noqa: E402
+                       STAGE1_SEED_NOTE)
 
 GPU_PROTOCOLS = ("gpu32",)
 LEGACY_LABEL = {"uniform": "uniform", "min_snr": "Min-SNR-5", "knn": "KNN (N=8)", "assignment": "batch assignment",
@@ -216,8 +217,11 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, fig
     L.append(f"- Data: `{p.get('dataset_name')}` {p.get('resolution')}x{p.get('resolution')}, "
              f"{p.get('num_channels')} channel(s). Stage-2 UNet: {info.get('unet_params', 'n/a')} parameters "
              f"(`{json.dumps(p.get('unet'))}`); stage-1 inner UNet: {info.get('stage1_unet_params', 'n/a')} parameters.")
+    schedule = p.get("lr_scheduler", DEFAULT_LR_SCHEDULER)
+    after = {"constant_with_warmup": "constant", "cosine": "cosine decay to 0",
+             "linear": "linear decay to 0"}.get(schedule, schedule)
     L.append(f"- {p.get('steps')} steps, batch {p.get('batch_size')}, AdamW lr {p.get('learning_rate')} "
-             f"(constant after {p.get('lr_warmup_steps')} warm-up steps), DDPM 1000 steps, epsilon prediction.")
+             f"({after} after {p.get('lr_warmup_steps')} warm-up steps), DDPM 1000 steps, epsilon prediction.")
     L.append(f"- Common random numbers: every method of a seed ran with the same `--seed` and the same pool of "
              f"N = {p.get('num_candidate_noises')} candidate noises per sample (uniform trains on candidate 0).")
     L.append("- Seeds per method: " + "; ".join(f"{m} {','.join(map(str, s))}" for m, s in seeds_by_method.items()) + ".")
@@ -243,7 +247,7 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, fig
     s1 = p.get("stage1", {})
     L.append(f"- Stage 1 (rater methods only): {s1.get('meta_steps')} meta-steps, population {s1.get('population_size')}, "
              f"K = {s1.get('inner_steps')} inner steps at lr {s1.get('inner_lr')}, seed {s1.get('seed')}"
-             + (f" ({info['stage1_seed_note']})." if info.get("stage1_seed_note") else "."))
+             + (f" ({STAGE1_SEED_NOTE.format(seed=s1.get('seed'))})." if s1 else "."))
     if info.get("machine"):
         L.append(f"- Machine: {info['machine']}; first run {info.get('date')}.")
     L.append(f"- Reproduce (into a fresh folder, `--results_dir DIR`; in `{rel}/` the finished runs are skipped): "

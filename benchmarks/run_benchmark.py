@@ -47,11 +47,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from protocols import (METHODS, PROTOCOLS, ProtocolError, fd_off_protocol, fd_step, get_protocol,  # noqa: E402
+from protocols import (DEFAULT_LR_SCHEDULER, METHODS, PROTOCOLS, ProtocolError, fd_off_protocol, fd_step, get_protocol,  # noqa: E402
                        seeds_for, stage1_key)
 
-STAGE1_SEED_NOTE = ("stage 1 uses seed {seed}, so its meta-validation split is not the held-out split of any "
-                    "stage-2 seed (splits are seeded by --seed; they still overlap at random)")
 # Keys that only select a subset of a protocol's runs, or only describe it; any other difference means a
 # different protocol.
 SELECTION_KEYS = ("seeds", "methods", "method_seeds", "description", "fd_note")
@@ -124,7 +122,7 @@ def stage2_command(p, method, seed, out_dir, unet_config_path, rater_dir=None):
            "--dataset_name", p["dataset_name"], "--resolution", str(p["resolution"]), "--report_to", "none",
            "--model_config_name_or_path", unet_config_path, "--train_batch_size", str(p["batch_size"]),
            "--output_dir", out_dir, "--seed", str(seed), "--max_train_steps", str(p["steps"]),
-           "--learning_rate", str(p["learning_rate"]), "--lr_scheduler", "constant_with_warmup",
+           "--learning_rate", str(p["learning_rate"]), "--lr_scheduler", p.get("lr_scheduler", DEFAULT_LR_SCHEDULER),
            "--lr_warmup_steps", str(p["lr_warmup_steps"]), "--validation_steps", str(p["validation_steps"]),
            "--num_validation_triples", str(p["num_validation_triples"]),
            "--validation_seed", str(p["validation_seed"]), "--checkpointing_steps", str(p["checkpointing_steps"]),
@@ -242,7 +240,6 @@ class Benchmark:
                 "stage1_unet_params": unet_num_parameters(self.p["stage1_unet"], self.p["resolution"],
                                                           self.p["num_channels"]),
                 "fd_off_protocol": fd_off_protocol(self.p),
-                "stage1_seed_note": STAGE1_SEED_NOTE.format(seed=self.p["stage1"]["seed"]),
                 "command": self.command_line, "machine": machine_description(self.threads_per_job), "date": time.strftime("%Y-%m-%d")}
         path = os.path.join(self.results_dir, "protocol.json")
         if os.path.exists(path):  # keep the first machine/date; record every command used

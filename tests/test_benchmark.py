@@ -174,6 +174,21 @@ def test_protocol_checks():
     assert fd["num_generated"] >= 2000 and fd["num_real"] >= 5000
 
 
+def test_lr_scheduler_of_a_protocol_reaches_stage2_and_is_checked():
+    assert _flag(rb.stage2_command(protocols.get_protocol("digits8"), "uniform", 0, "/o", "/u.json"),
+                 "--lr_scheduler") == "constant_with_warmup"  # protocols without the key keep their schedule
+    long = protocols.get_protocol("digits8_long")
+    assert _flag(rb.stage2_command(long, "uniform", 0, "/o", "/u.json"), "--lr_scheduler") == "cosine"
+    assert protocols.stage1_key(long, "candidates") == protocols.stage1_key(protocols.get_protocol("digits8"),
+                                                                            "candidates")  # same stage-1 rater
+    with pytest.raises(protocols.ProtocolError, match="lr_scheduler must be one of") as e:
+        protocols.get_protocol("digits8_long", {"lr_scheduler": "cosine_annealing"})
+    assert (e.value.key, e.value.value) == ("lr_scheduler", "cosine_annealing")
+    import train_diffusion_hard
+
+    assert set(protocols.LR_SCHEDULERS) <= set(train_diffusion_hard.LR_SCHEDULERS)
+
+
 def test_transfer_stage2_unet_is_at_least_4x_the_inner_unet():
     p = protocols.PROTOCOLS["transfer"]
     big = protocols.unet_num_parameters(p["unet"], p["resolution"], p["num_channels"])
