@@ -148,7 +148,9 @@ def protocol_signature(p):
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
+    """Write ``obj`` atomically; the temporary name is unique per process and thread, so that concurrent writers
+    of one file (two runs of one invocation, or two invocations) never move each other's temporary file."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
@@ -196,6 +198,7 @@ class Benchmark:
         self.times_path = os.path.join(runs_dir, "launcher_seconds.json")
         self._lock = threading.Lock()  # guards the read-modify-write of the seconds files
         self._fd_lock = threading.Lock()
+        self._rater_locks = {}  # scope -> lock: one stage-1 check/training per scope, also under --jobs 2
         self._reference_s = {}  # thread id -> seconds spent computing the FD reference
 
     def log_path(self, name):
@@ -304,7 +307,15 @@ class Benchmark:
 
     # -- stage 1
     def ensure_rater(self, scope):
-        """The rater directory for ``scope``, meta-training it first if the cache lacks it."""
+        """The rater directory for ``scope``, meta-training it first if the cache lacks it (one caller at a time:
+        runs of one scope starting together would otherwise both write its result files; the two scopes of
+        stage 1 still train at once)."""
+        with self._lock:
+            lock = self._rater_locks.setdefault(scope, threading.Lock())
+        with lock:
+            return self._ensure_rater(scope)
+
+    def _ensure_rater(self, scope):
         out = self.rater_dir(scope)
         done = os.path.exists(os.path.join(out, "meta_summary.json"))
         if not done:

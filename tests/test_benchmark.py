@@ -326,6 +326,25 @@ def test_parallel_jobs_give_the_same_results_as_serial(tmp_path):
     assert sorted(secs) == sorted(f"{m}_seed{s}" for s, m in rb.plan(b2.p))
 
 
+def test_parallel_runs_of_one_rater_scope_starting_together(tmp_path, monkeypatch):
+    """Two runs needing the same cached rater start at once (--jobs 2): both used to write the rater's result
+    file through one temporary name, and the second move failed (FileNotFoundError), losing that run."""
+    real_dump = json.dump
+
+    def slow_dump(*a, **k):  # widen the window between writing the temporary file and moving it
+        time.sleep(0.2)
+        return real_dump(*a, **k)
+
+    monkeypatch.setattr(json, "dump", slow_dump)
+    runner = FakeRunner()
+    b = _bench(tmp_path, runner=runner, methods=["rater_cand", "rater_cand_importance"])
+    b.jobs = 2
+    assert b.run() == []
+    assert len(runner.stage1()) == 1 and len(runner.stage2()) == 2
+    assert json.load(open(os.path.join(b.results_dir, "rater_candidates.json")))["scope"] == "candidates"
+    assert not [f for f in os.listdir(b.results_dir) if f.endswith(".tmp")]
+
+
 def test_parallel_failure_stops_new_jobs_and_is_raised(tmp_path):
     class FailsOnSeed1(FakeRunner):
         def __call__(self, cmd, log_path, timeout_s=None, env=None):
