@@ -134,7 +134,8 @@ def flatness_phrase(fm):
     if abs(mean) < 1:
         return "It is flat to within 1 % on average."
     if finite(hw) and mean + hw < 0:
-        return "It is still falling: the comparison is one of early training."
+        return ("It is still falling, by more than 1 % on average: the comparison is one of models that have not "
+                "converged.")
     return ("The mean change exceeds 1 % but its interval includes 0: not shown to be flat, nor to be still "
             "falling.")
 
