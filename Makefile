@@ -35,11 +35,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_benchmark.py --protocol digits8 --jobs 2 --max_hours 2.3
 	$(PY) benchmarks/report.py
 
-# The same on Fashion-MNIST 16x16 (with FD).
+# The same for digits8_long (4x the steps, cosine decay).
 bench-long: $(STAMP)
 	$(PY) benchmarks/run_benchmark.py --protocol digits8_long --jobs 2 --max_hours 2.3
 	$(PY) benchmarks/report.py
 
+# The same on Fashion-MNIST 16x16 (with FD).
 bench-fmnist: $(STAMP)
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
 	$(PY) benchmarks/run_benchmark.py --protocol fmnist16 --jobs 2 --max_hours 2.3

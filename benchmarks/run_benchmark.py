@@ -47,8 +47,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from protocols import (DEFAULT_LR_SCHEDULER, METHODS, PROTOCOLS, ProtocolError, fd_off_protocol, fd_step, get_protocol,  # noqa: E402
-                       seeds_for, stage1_key)
+from protocols import (DEFAULT_LR_SCHEDULER, METHODS, PROTOCOLS, ProtocolError, fd_off_protocol,  # noqa: E402
+                       fd_step, get_protocol, seeds_for, stage1_key)
 
 # Keys that only select a subset of a protocol's runs, or only describe it; any other difference means a
 # different protocol.
