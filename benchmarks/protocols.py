@@ -62,33 +62,30 @@ DIGITS_NO_FD = ("scikit-learn digits has 1,797 images in total (180 held out at 
                 "images available varies by tens of percent between seeds. Validation loss is the primary "
                 "metric here; FD is not computed.")
 
+_DIGITS8 = {
+    "description": "8x8 digits: the many-seed comparison of every method (CPU).",
+    "dataset_name": "digits", "resolution": 8, "num_channels": 1,
+    "unet": UNET_S, "stage1_unet": UNET_S,
+    "steps": 2000, "batch_size": 64, "learning_rate": 1e-3, "lr_warmup_steps": 50,
+    "num_candidate_noises": 8,
+    "methods": METHOD_ORDER,
+    "seeds": list(range(10)), "method_seeds": {"oracle": [0, 1, 2]},
+    "validation_steps": 100, "num_validation_triples": 2048, "validation_seed": 1234,
+    "checkpointing_steps": 500,
+    "fd": None, "fd_note": DIGITS_NO_FD,
+    "stage1": dict(STAGE1_DEFAULT),
+}
+
 PROTOCOLS = {
-    "digits8": {
-        "description": "8x8 digits: the many-seed comparison of every method (CPU).",
-        "dataset_name": "digits", "resolution": 8, "num_channels": 1,
-        "unet": UNET_S, "stage1_unet": UNET_S,
-        "steps": 2000, "batch_size": 64, "learning_rate": 1e-3, "lr_warmup_steps": 50,
-        "num_candidate_noises": 8,
-        "methods": METHOD_ORDER,
-        "seeds": list(range(10)), "method_seeds": {"oracle": [0, 1, 2]},
-        "validation_steps": 100, "num_validation_triples": 2048, "validation_seed": 1234,
-        "checkpointing_steps": 500,
-        "fd": None, "fd_note": DIGITS_NO_FD,
-        "stage1": dict(STAGE1_DEFAULT),
-    },
+    "digits8": _DIGITS8,
     "digits8_long": {
+        **_DIGITS8,
         "description": "8x8 digits trained 4x longer with cosine learning-rate decay, so that uniform's validation "
                        "loss flattens: does digits8's difference persist at the end of training?",
-        "dataset_name": "digits", "resolution": 8, "num_channels": 1,
-        "unet": UNET_S, "stage1_unet": UNET_S,
-        "steps": 8000, "batch_size": 64, "learning_rate": 1e-3, "lr_warmup_steps": 50, "lr_scheduler": "cosine",
-        "num_candidate_noises": 8,
+        "steps": 8000, "lr_scheduler": "cosine",
         "methods": ["uniform", "rater_batch", "rater_cand", "rater_cand_importance"],
         "seeds": list(range(5)), "method_seeds": {},
-        "validation_steps": 200, "num_validation_triples": 2048, "validation_seed": 1234,
-        "checkpointing_steps": 1000,
-        "fd": None, "fd_note": DIGITS_NO_FD,
-        "stage1": dict(STAGE1_DEFAULT),
+        "validation_steps": 200, "checkpointing_steps": 1000,
     },
     "fmnist16": {
         "description": "Fashion-MNIST 16x16 with the small UNet (CPU budget); FD is the second primary metric.",
