@@ -5,12 +5,14 @@ push to the Hub without Hub access, class-conditional output, elastic resume, an
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from ddp_launch import launch_two_processes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE2 = os.path.join(REPO_ROOT, "train_diffusion_hard.py")
@@ -252,11 +254,8 @@ def test_resume_with_another_batch_size(stage2, tmp_path, tiny_config, caplog):
 def test_resume_two_processes_on_one(tmp_path, tiny_config):
     out = tmp_path / "out"
     flags = ["--checkpointing_steps", "2", "--use_ema", "--lr_scheduler", "linear"]
-    two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           STAGE2, *stage2_args(out, tiny_config, steps=2, batch=8), *flags]
-    proc = subprocess.run(two, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_two_processes([STAGE2, *stage2_args(out, tiny_config, steps=2, batch=8), *flags], cwd=REPO_ROOT,
+                         env=_env(), prepare=lambda: shutil.rmtree(out, ignore_errors=True))
     assert json.load(open(out / "checkpoint-2" / "training_state.json"))["num_processes"] == 2
     one = [*LAUNCH, STAGE2, *stage2_args(out, tiny_config, steps=4, batch=8), *flags,
            "--resume_from_checkpoint", "latest"]

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from ddp_launch import launch_two_processes
 from safetensors.torch import load_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,10 +30,10 @@ TINY_UNET = {
 }
 
 
-def _env():
+def _env(**extra):
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **extra)
     return env
 
 
@@ -392,14 +393,8 @@ def test_dry_run_subprocess(tmp_path, tiny_config):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def launch_2proc(args):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           SCRIPT, *args]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-6000:]}")
-    return proc
+def launch_2proc(args, prepare=lambda: None):
+    return launch_two_processes([SCRIPT, *args], cwd=REPO_ROOT, env=_env(), prepare=prepare)
 
 
 @pytest.mark.slow
@@ -411,7 +406,7 @@ def test_two_processes_and_exact_resume(tmp_path, tiny_config):
     flags = ["--checkpointing_steps", "2", "--use_ema", "--report_to", "none", "--noise_selection", "knn",
              "--num_candidate_noises", "4", "--random_flip"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    proc = launch_2proc(base_args(out_a, tiny_config) + flags)
+    proc = launch_2proc(base_args(out_a, tiny_config) + flags, prepare=lambda: shutil.rmtree(out_a, ignore_errors=True))
     assert "MULTI_CPU" in proc.stderr
     final = json.load(open(out_a / "final_metrics.json"))
     assert final["num_processes"] == 2 and final["ranks_in_sync"] is True and final["steps"] == 4
@@ -420,9 +415,12 @@ def test_two_processes_and_exact_resume(tmp_path, tiny_config):
     state = json.load(open(ckpt / "training_state.json"))
     assert [d["shard"] for d in state["data"]] == [0, 1]
     # resume a copy of checkpoint-2 (written mid-run by A) and finish: the same weights as A
-    out_b.mkdir()
-    shutil.copytree(ckpt, out_b / "checkpoint-2")
-    launch_2proc(base_args(out_b, tiny_config) + flags + ["--resume_from_checkpoint", "latest"])
+
+    def fresh_b():
+        shutil.rmtree(out_b, ignore_errors=True)
+        shutil.copytree(ckpt, out_b / "checkpoint-2")
+
+    launch_2proc(base_args(out_b, tiny_config) + flags + ["--resume_from_checkpoint", "latest"], prepare=fresh_b)
     name = os.path.join("unet", "diffusion_pytorch_model.safetensors")
     _assert_same_tensors(load_file(str(out_a / name)), load_file(str(out_b / name)), "2-process pipeline unet")
 

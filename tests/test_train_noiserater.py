@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from ddp_launch import launch_two_processes
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -180,11 +182,8 @@ def test_bad_data_folder_lists_every_bad_file(tmp_path):
 @pytest.mark.slow
 def test_two_processes_keep_rater_identical(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "train_noiserater.py", "--dataset_name", "digits", *common(tmp_path, out, steps=3)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    launch_two_processes(["train_noiserater.py", "--dataset_name", "digits", *common(tmp_path, out, steps=3)],
+                         cwd=ROOT, prepare=lambda: shutil.rmtree(out, ignore_errors=True))
     summary = json.loads((out / "meta_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_consistent"] is True
     assert validate_checkpoint(str(out / "checkpoint-3"))
@@ -218,11 +217,9 @@ def test_builtin_dataset_not_installed(tmp_path):
 @pytest.mark.slow
 def test_two_processes_fault_on_one_rank_stops_all_without_hanging(tmp_path):
     out = tmp_path / "ddp_nan"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "train_noiserater.py", "--dataset_name", "digits", "--checkpointing_steps", "1",
-           "--inject_nonfinite_at_step", "1", *common(tmp_path, out, steps=3)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # a hang fails here
+    p = launch_two_processes(["train_noiserater.py", "--dataset_name", "digits", "--checkpointing_steps", "1",
+                              "--inject_nonfinite_at_step", "1", *common(tmp_path, out, steps=3)],
+                             cwd=ROOT, attempts=1, check=False)  # a hang fails here, with the stacks
     assert p.returncode != 0
     assert "non-finite meta-loss" in p.stderr and "step 1" in p.stderr
     assert validate_checkpoint(str(out / "checkpoint-1"))["step"] == 1
