@@ -30,10 +30,10 @@ TINY_UNET = {
 }
 
 
-def _env(**extra):
+def _env():
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", **extra)
+               TOKENIZERS_PARALLELISM="false")
     return env
 
 
