@@ -196,7 +196,57 @@ def reproduce_commands(name, p, runs):
     return cmds
 
 
-def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, figures_dir=None):
+
+def step_cost_ratios(results_root):
+    """{method: mean over CPU protocols of (method's mean s/step) / (uniform's mean s/step)}, from every protocol
+    folder where both ran; the basis for estimating the cost of a run not made yet."""
+    cpu, _ = protocol_dirs(results_root)
+    ratios = defaultdict(list)
+    for name in cpu:
+        runs = load_runs(os.path.join(results_root, name))
+        if not runs.get("uniform"):
+            continue
+        u = mean_sd([r.get("s_per_step") for r in runs["uniform"].values()])[0]
+        for m, rs in runs.items():
+            v = mean_sd([r.get("s_per_step") for r in rs.values()])[0]
+            if m != "uniform" and finite(u) and finite(v) and u > 0:
+                ratios[m].append(v / u)
+    return {m: sum(v) / len(v) for m, v in ratios.items()}
+
+
+def not_measured(name, p, runs, ratios):
+    """Methods the protocol's definition lists that have no result file: [(method, estimated training hours per run or None,
+    seeds the protocol plans for it)]. The estimate is this protocol's uniform s/step x the method's s/step
+    ratio to uniform measured on the other protocols x the protocol's steps (training only: validation and FD
+    excluded)."""
+    plan = PROTOCOLS.get(name, p)  # the definition: protocol.json's copy holds the last invocation's --methods
+    u = mean_sd([r.get("s_per_step") for r in runs.get("uniform", {}).values()])[0] if runs.get("uniform") else None
+    out = []
+    for m in plan.get("methods", []):
+        if runs.get(m):
+            continue
+        ratio = 1.0 if m == "uniform" else ratios.get(m)
+        hours = u * ratio * p.get("steps", 0) / 3600 if finite(u) and ratio is not None else None
+        out.append((m, hours, plan.get("method_seeds", {}).get(m, plan.get("seeds", []))))
+    return out
+
+
+def not_measured_line(name, missing):
+    """One markdown line naming the protocol's methods without results, their estimated cost and the command."""
+    def cost(h):
+        return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+    parts = [f"{label(m)} (`{m}`" + (f", about {cost(h)} of training per run on one core" if h is not None else "")
+             + ")" for m, h, _ in missing]
+    seeds = sorted({s for _, _, ss in missing for s in ss})
+    own = [m for m, _, ss in missing if ss != seeds]
+    cmd = (f"python benchmarks/run_benchmark.py --protocol {name} --methods {' '.join(m for m, _, _ in missing)} "
+           f"--seeds {' '.join(map(str, seeds))}" + (" --jobs 2" if name not in GPU_PROTOCOLS else ""))
+    return (f"- Not measured on this protocol yet (the protocol lists them; CPU time so far went to the methods "
+            f"above): {'; '.join(parts)}. Run: `{cmd}`" + (f" ({', '.join(own)} at the protocol's own seeds)"
+                                                          if own else "") + ".")
+
+
+def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, figures_dir=None, ratios=None):
     """(markdown lines, summary dict for the verdict) of the protocol whose results are in folder ``d``."""
     info = read_json(os.path.join(d, "protocol.json"), {})
     p = info.get("resolved") or dict(PROTOCOLS.get(name, {}), name=name)
@@ -205,7 +255,8 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, fig
     rel = os.path.relpath(d, ROOT)
     L = [f"{level} Protocol `{name}`\n", p.get("description", ""), ""]
     reproduce = reproduce_commands(name, p, runs)
-    summary = {"name": name, "runs": runs, "rows": {}, "fd": bool(p.get("fd")), "oracle": None, "captured": {}}
+    summary = {"name": name, "runs": runs, "rows": {}, "fd": bool(p.get("fd")), "oracle": None, "captured": {},
+               "missing": not_measured(name, p, runs, ratios or {})}
     if not runs:
         how = ("`bash benchmarks/gpu_benchmark.sh` on a CUDA machine" if name in GPU_PROTOCOLS else
                f"`python benchmarks/run_benchmark.py --protocol {name} --jobs 2 --max_hours 2.3` (repeat until done)")
@@ -226,6 +277,8 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, fig
     L.append(f"- Common random numbers: every method of a seed ran with the same `--seed` and the same pool of "
              f"N = {p.get('num_candidate_noises')} candidate noises per sample (uniform trains on candidate 0).")
     L.append("- Seeds per method: " + "; ".join(f"{m} {','.join(map(str, s))}" for m, s in seeds_by_method.items()) + ".")
+    if summary["missing"]:
+        L.append(not_measured_line(name, summary["missing"]))
     L.append(f"- Validation loss (primary metric): plain diffusion loss under Gaussian noise on "
              f"{p.get('num_validation_triples')} fixed (x0, eps, t) triples of the seed's held-out split "
              f"(validation seed {p.get('validation_seed')}), every {p.get('validation_steps')} steps.")
@@ -506,6 +559,9 @@ def verdict(summaries):
                 else:
                     L.append(f"  - {label(m)} captures {c['fraction']:.2f} of the oracle's gain "
                              f"({c['gap']:+.2f} percentage points from the oracle, {c['n']} shared seeds).")
+        if s.get("missing"):
+            L.append(f"- Not measured here yet: {', '.join(f'`{m}`' for m, _, _ in s['missing'])} (see the "
+                     "protocol's section for the estimated cost and the command).")
         fl = s.get("flatness")
         if fl and finite(fl[0]) and abs(fl[0]) >= 1:
             L.append(f"- Uniform's validation loss changed by {fmt_pct(fl[0], fl[1])} over the last 20 % of steps. "
@@ -644,10 +700,11 @@ def build_report(results_root, doc_dir=ROOT, figures_dir=None):
     ``figures_dir`` (as ``<protocol>_learning_curves.png``) when given."""
     cpu, gpu = protocol_dirs(results_root)
     costs = rater_costs(results_root)
+    ratios = step_cost_ratios(results_root)
     body, summaries = [], []
     for name in cpu:
         lines, s = protocol_section(name, os.path.join(results_root, name), results_root, costs, doc_dir=doc_dir,
-                                    figures_dir=figures_dir)
+                                    figures_dir=figures_dir, ratios=ratios)
         body += lines
         summaries.append(s)
         if name == "transfer":
@@ -655,7 +712,7 @@ def build_report(results_root, doc_dir=ROOT, figures_dir=None):
     gpu_body, gpu_summaries = [], []
     for name in gpu:
         lines, s = protocol_section(name, os.path.join(results_root, name), results_root, costs, level="###",
-                                    doc_dir=doc_dir, figures_dir=figures_dir)
+                                    doc_dir=doc_dir, figures_dir=figures_dir, ratios=ratios)
         gpu_body += lines
         gpu_summaries.append(s)
     L = ["# Benchmarks\n",

@@ -583,6 +583,31 @@ def test_report_cli_writes_file(tmp_path):
                     "--method_seeds oracle=0,1 --jobs 2"]
 
 
+def test_report_names_unmeasured_methods_with_estimated_cost(tmp_path):
+    root = str(tmp_path / "results")
+    _write_synthetic(root, "digits8", {"knn": 1.0, "oracle": 0.5, "rater_cand": 0.0}, [0, 1])
+    for s in (0, 1):  # the oracle's step costs 10x uniform's (0.1 s) on digits8
+        path = os.path.join(root, "digits8", f"run_oracle_seed{s}.json")
+        r = json.load(open(path))
+        r["s_per_step"] = 1.0
+        json.dump(r, open(path, "w"))
+    _write_synthetic(root, "fmnist16", {"rater_cand": 0.0}, [0, 1], steps=4000)
+    assert report.step_cost_ratios(root) == {"knn": pytest.approx(1.0), "oracle": pytest.approx(10.0),
+                                             "rater_cand": pytest.approx(1.0)}
+    text = report.build_report(root, doc_dir=root, figures_dir=str(tmp_path))
+    fm = text[text.index("## Protocol `fmnist16`"):]
+    line = next(x for x in fm.splitlines() if x.startswith("- Not measured on this protocol yet"))
+    # 0.1 s/step x 4000 steps = 7 min for knn; x 10 for the oracle = 1.1 h; min_snr has no measured ratio
+    assert "(`knn`, about 7 min of training per run on one core)" in line
+    assert "(`oracle`, about 1.1 h of training per run on one core)" in line
+    assert "(`min_snr`)" in line and "`uniform`" not in line and "`rater_cand`" not in line
+    assert ("`python benchmarks/run_benchmark.py --protocol fmnist16 --methods min_snr knn assignment rater_batch "
+            "rater_cand_importance oracle --seeds 0 1 2 3 4 --jobs 2` (oracle at the protocol's own seeds)") in line
+    verdict = text[:text.index("## Protocol")]
+    assert "- Not measured here yet: `min_snr`, `knn`, `assignment`, `rater_batch`, `rater_cand_importance`, " \
+           "`oracle`" in verdict[verdict.index("**`fmnist16`**"):]
+
+
 def test_report_verdict_undetermined_with_one_rater_seed(tmp_path):
     root = str(tmp_path / "results")
     _write_synthetic(root, "digits8", {"knn": 1.0, "rater_cand": -5.0}, [0])
