@@ -47,6 +47,48 @@ def _valuation_cell(rater_info, key):
     return f"{x:+.3f}" if isinstance(x, (int, float)) and x == x else "n/a"
 
 
+def rater_provenance(r, runs):
+    """Markdown lines for a stage-1 record ``r`` (``rater_<scope>.json``) meta-trained more than once under its cache
+    key with different weights (``earlier_computations``, see ``run_benchmark.rater_record``): each computation and,
+    by the weights hash each stage-2 run of ``runs`` recorded, which one the run used. Empty when there was one."""
+    earlier = r.get("earlier_computations") or []
+    if not earlier:
+        return []
+
+    def what(e):
+        return (f"fraction of the oracle's one-step gain {_valuation_cell(e, 'fraction_of_oracle')}, "
+                f"rho {_valuation_cell(e, 'spearman_rho')}")
+    names = {r.get("weights_sha256"): f"the computation of {r.get('date')}"}
+    for e in earlier:
+        if e.get("weights_sha256"):
+            names.setdefault(e["weights_sha256"], f"the computation of {e.get('date') or 'an earlier date'}")
+    L = [f"- The {r['scope']}-scope rater was meta-trained again on {r.get('date')} ({r.get('machine')}) from the same "
+         "cache key (the same configuration and seed) and gave other weights than "
+         + "; ".join(f"the computation of {e.get('date') or 'an earlier date (not recorded)'}"
+                     + (f" ({e['machine']})" if e.get("machine") else "") + f" ({what(e)})" for e in earlier)
+         + f". The table above shows the latest ({what(r)}). Stage 1 is seeded, so the same key giving other weights points "
+           "at floating-point differences between machines (not verified). Which computation each run used:"]
+    groups = defaultdict(list)
+    for m in ordered_methods(runs):
+        if METHODS.get(m, {}).get("rater_scope") != r["scope"]:
+            continue
+        for seed in sorted(runs[m]):
+            groups[(runs[m][seed].get("rater") or {}).get("weights_sha256")].append((m, seed))
+    for sha, ms in groups.items():
+        by_method = defaultdict(list)
+        for m, seed in ms:
+            by_method[m].append(str(seed))
+        who = "; ".join(f"{m} seeds {','.join(seeds)}" for m, seeds in by_method.items())
+        if sha is None:
+            used = "not recorded (made before weight hashes were kept)"
+        elif sha in names:
+            used = f"{names[sha]} (weights sha256 {sha[:12]})"
+        else:
+            used = f"weights sha256 {sha[:12]}, which matches no recorded computation"
+        L.append(f"  - {who}: {used}.")
+    return L + [""]
+
+
 def label(m):
     return METHODS[m]["label"] if m in METHODS else LEGACY_LABEL.get(m, m)
 
@@ -326,6 +368,8 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, fig
         L.append("Valuation (stage 1's final measurement on held-out groups): within-group Spearman rho between rater "
                  "score and exact one-step influence, and the share of the oracle's one-step gain over a random pick "
                  "that the rater's pick captures (mean over inner models).\n")
+        for r in raters:
+            L += rater_provenance(r, runs)
         for r in raters:
             for fig in ("rater_analysis.png", "meta_evidence.png", "valuation_accuracy.png"):
                 path = os.path.join(d, f"rater_{r['scope']}_{fig}")

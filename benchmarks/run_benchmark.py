@@ -31,6 +31,7 @@ time). Commit ``benchmarks/results/`` after each piece.
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import platform
@@ -159,6 +160,44 @@ def write_json(path, obj):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def weights_sha256(rater_dir):
+    """sha256 (hex) of the rater's weights file ``diffusion_pytorch_model.safetensors`` in ``rater_dir``, or None
+    when the folder has none. Recorded with stage 1 and with every run that used the rater, so that a rater
+    recomputed under the same cache key (for instance on another machine, whose floating-point kernels can give
+    other weights) is told apart from the one earlier runs used."""
+    path = os.path.join(rater_dir, "diffusion_pytorch_model.safetensors")
+    if not os.path.exists(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rater_record(new, old):
+    """The ``rater_<scope>.json`` record to write: ``new`` (this computation), keeping ``old``'s first date and
+    machine when both describe the same weights, else moving ``old`` into ``earlier_computations`` (its weights
+    hash, date, machine, cost and stage-1 summary). Records without a hash (written before hashes were kept) count
+    as the same weights when their stage-1 summaries agree apart from wall time."""
+    if not old or old.get("key") != new.get("key"):
+        return new
+    rec = dict(new, earlier_computations=list(old.get("earlier_computations", [])))
+
+    def summary(r):
+        return {k: v for k, v in (r.get("meta_summary") or {}).items() if k != "wall_time_s"}
+    same = (old.get("weights_sha256") == new.get("weights_sha256") if old.get("weights_sha256")
+            else summary(old) == summary(new))
+    if same:
+        rec["date"], rec["machine"] = old.get("date", rec.get("date")), old.get("machine", rec.get("machine"))
+    else:
+        rec["earlier_computations"].append({k: old.get(k) for k in ("weights_sha256", "date", "machine", "cost_s",
+                                                                    "meta_summary")})
+    if not rec["earlier_computations"]:
+        del rec["earlier_computations"]
+    return rec
 
 
 def add_seconds(path, key, seconds):
@@ -332,13 +371,17 @@ class Benchmark:
                 shutil.copyfile(os.path.join(out, fig), os.path.join(self.results_dir, f"rater_{scope}_{fig}"))
         secs = read_json(os.path.join(out, "runner_seconds.json")) if os.path.exists(
             os.path.join(out, "runner_seconds.json")) else {}
-        write_json(os.path.join(self.results_dir, f"rater_{scope}.json"), {
+        path = os.path.join(self.results_dir, f"rater_{scope}.json")
+        new = {
             "scope": scope, "key": stage1_key(self.p, scope), "stage1": self.p["stage1"],
             "stage1_unet": self.p["stage1_unet"], "stage1_unet_params": self.info["stage1_unet_params"],
             "meta_summary": summary, "launcher_s": secs.get("launcher_s"),
             # cost charged to the method: the larger of the script's own clock and the launcher's (all pieces)
             "cost_s": max(v for v in (summary.get("wall_time_s"), secs.get("launcher_s")) if v is not None)
-            if (summary.get("wall_time_s") is not None or secs.get("launcher_s") is not None) else None})
+            if (summary.get("wall_time_s") is not None or secs.get("launcher_s") is not None) else None,
+            "weights_sha256": weights_sha256(out), "machine": machine_description(self.threads_per_job),
+            "date": time.strftime("%Y-%m-%d")}
+        write_json(path, rater_record(new, read_json(path) if os.path.exists(path) else None))
         return out
 
     # -- stage 2
@@ -367,7 +410,7 @@ class Benchmark:
         result["launcher_s"] = times.get(f"{method}_seed{seed}", 0.0)
         result["eval_s"] = eval_s
         if scope:
-            result["rater"] = {"scope": scope, "key": stage1_key(self.p, scope)}
+            result["rater"] = {"scope": scope, "key": stage1_key(self.p, scope), "weights_sha256": weights_sha256(rater)}
         write_json(self.result_path(method, seed), result)
         self.log(f"    {method} seed {seed}: final val loss {result['final']['val_loss']:.5f}"
                  + (f", FD {result['fd'][str(self.p['steps'])]['fd_efflite0']:.2f}" if result.get("fd") else ""))

@@ -4,9 +4,11 @@ statistics against scipy / closed forms / simulation, and report generation from
 Nothing here trains a model: the fake command runner writes the files the two training scripts would write.
 """
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,9 +36,10 @@ def _flag(cmd, name):
 class FakeRunner:
     """Stands in for ``run_command``: records each command and writes what the script would have written."""
 
-    def __init__(self, val_loss=lambda method, seed: 0.05):
+    def __init__(self, val_loss=lambda method, seed: 0.05, weights=b"rater weights"):
         self.commands = []
         self.val_loss = val_loss
+        self.weights = weights  # the bytes stage 1 writes as the rater's weights file
 
     def stage1(self):
         return [c for c in self.commands if "train_noiserater.py" in c]
@@ -54,6 +57,8 @@ class FakeRunner:
                 json.dump({"wall_time_s": 100.0, "step": int(_flag(cmd, "--max_train_steps"))}, f)
             with open(os.path.join(out, "rater_analysis.png"), "wb") as f:
                 f.write(b"png")
+            with open(os.path.join(out, "diffusion_pytorch_model.safetensors"), "wb") as f:
+                f.write(self.weights)
             return 0
         steps, every = int(_flag(cmd, "--max_train_steps")), int(_flag(cmd, "--validation_steps"))
         seed = int(_flag(cmd, "--seed"))
@@ -136,6 +141,47 @@ def test_same_seed_and_pool_for_all_methods_and_rater_cached(tmp_path):
     assert t.run() == []
     assert runner2.stage1() == [] and len(runner2.stage2()) == 2
     assert _flag(runner2.stage2()[1], "--rater_model_name_or_path") == b.rater_dir("candidates")
+
+
+def test_runs_record_the_rater_weights_and_a_recomputed_rater_keeps_the_earlier_record(tmp_path):
+    b = _bench(tmp_path, methods=["uniform", "rater_cand"], seeds=[0])
+    assert b.run() == []
+    sha = hashlib.sha256(b"rater weights").hexdigest()
+    rec = json.load(open(os.path.join(b.results_dir, "rater_candidates.json")))
+    assert rec["weights_sha256"] == sha and "earlier_computations" not in rec
+    run = json.load(open(b.result_path("rater_cand", 0)))
+    assert run["rater"]["weights_sha256"] == sha
+    # the cache is lost and stage 1 gives other weights (another machine): the new record keeps the old one
+    shutil.rmtree(b.rater_dir("candidates"))
+    b2 = _bench(tmp_path, runner=FakeRunner(weights=b"other weights"), methods=["rater_cand"], seeds=[1])
+    assert b2.run() == []
+    rec2 = json.load(open(os.path.join(b.results_dir, "rater_candidates.json")))
+    sha2 = hashlib.sha256(b"other weights").hexdigest()
+    assert rec2["weights_sha256"] == sha2
+    assert [e["weights_sha256"] for e in rec2["earlier_computations"]] == [sha]
+    assert json.load(open(b.result_path("rater_cand", 1)))["rater"]["weights_sha256"] == sha2
+    assert json.load(open(b.result_path("rater_cand", 0)))["rater"]["weights_sha256"] == sha  # untouched
+
+
+def test_rater_record_same_or_recomputed_weights():
+    old = {"key": "k", "weights_sha256": "a", "date": "2026-01-01", "machine": "m1", "cost_s": 5.0,
+           "meta_summary": {"mean_gain": 1.0, "wall_time_s": 5.0}}
+    same = rb.rater_record(dict(old, date="2026-02-02", machine="m2", cost_s=7.0), old)
+    assert (same["date"], same["machine"], same["cost_s"]) == ("2026-01-01", "m1", 7.0)
+    assert "earlier_computations" not in same
+    other = rb.rater_record(dict(old, weights_sha256="b", date="2026-02-02"), old)
+    assert other["date"] == "2026-02-02" and other["earlier_computations"][0]["weights_sha256"] == "a"
+    # the earlier record travels on through later writes of the same weights
+    again = rb.rater_record(dict(old, weights_sha256="b", date="2026-03-03"), other)
+    assert again["date"] == "2026-02-02" and len(again["earlier_computations"]) == 1
+    # a record written before hashes were kept: same weights iff the summaries agree apart from wall time
+    legacy = {k: v for k, v in old.items() if k != "weights_sha256"}
+    new = dict(old, weights_sha256="c", meta_summary={"mean_gain": 1.0, "wall_time_s": 9.0})
+    assert "earlier_computations" not in rb.rater_record(new, legacy)
+    moved = rb.rater_record(dict(new, meta_summary={"mean_gain": 2.0}), legacy)
+    assert moved["earlier_computations"][0]["meta_summary"]["mean_gain"] == 1.0
+    assert moved["earlier_computations"][0]["weights_sha256"] is None
+    assert rb.rater_record(new, dict(old, key="other")) == new and rb.rater_record(new, None) == new
 
 
 def test_stage1_flags_and_seed_plan():
@@ -606,6 +652,38 @@ def test_report_names_unmeasured_methods_with_estimated_cost(tmp_path):
     verdict = text[:text.index("## Protocol")]
     assert "- Not measured here yet: `min_snr`, `knn`, `assignment`, `rater_batch`, `rater_cand_importance`, " \
            "`oracle`" in verdict[verdict.index("**`fmnist16`**"):]
+
+
+def test_report_says_which_computation_of_a_recomputed_rater_each_run_used(tmp_path):
+    root = str(tmp_path / "results")
+    d = _write_synthetic(root, "digits8", {"rater_cand": 0.0, "rater_cand_importance": 0.0}, [0, 1, 2])
+    sha = {"rater_cand": {0: None, 1: None, 2: "a" * 64}, "rater_cand_importance": {0: "b" * 64, 1: "b" * 64,
+                                                                                      2: "c" * 64}}
+    for m, by_seed in sha.items():
+        for s, h in by_seed.items():
+            path = os.path.join(d, f"run_{m}_seed{s}.json")
+            r = json.load(open(path))
+            r["rater"]["weights_sha256"] = h
+            json.dump(r, open(path, "w"))
+    rec = {"scope": "candidates", "key": "k", "cost_s": 1.0, "stage1": {"meta_steps": 3}, "date": "2026-02-02",
+           "machine": "m2", "weights_sha256": "b" * 64, "meta_summary": {"valuation": {"fraction_of_oracle": 0.2}},
+           "earlier_computations": [{"weights_sha256": None, "date": None, "machine": None,
+                                     "meta_summary": {"valuation": {"fraction_of_oracle": -0.1}}},
+                                    {"weights_sha256": "a" * 64, "date": "2026-01-01", "machine": "m1",
+                                     "meta_summary": {"valuation": {"fraction_of_oracle": 0.0}}}]}
+    json.dump(rec, open(os.path.join(d, "rater_candidates.json"), "w"))
+    text = report.build_report(root, doc_dir=root, figures_dir=str(tmp_path))
+    assert ("- The candidates-scope rater was meta-trained again on 2026-02-02 (m2) from the same cache key" in text)
+    assert "the computation of an earlier date (not recorded) (fraction of the oracle's one-step gain -0.100" in text
+    assert "the computation of 2026-01-01 (m1) (fraction of the oracle's one-step gain +0.000" in text
+    assert "  - rater_cand seeds 0,1: not recorded (made before weight hashes were kept)." in text
+    assert "  - rater_cand seeds 2: the computation of 2026-01-01 (weights sha256 aaaaaaaaaaaa)." in text
+    assert "  - rater_cand_importance seeds 0,1: the computation of 2026-02-02 (weights sha256 bbbbbbbbbbbb)." in text
+    assert "  - rater_cand_importance seeds 2: weights sha256 cccccccccccc, which matches no recorded" in text
+    # one computation only: nothing said
+    del rec["earlier_computations"]
+    json.dump(rec, open(os.path.join(d, "rater_candidates.json"), "w"))
+    assert "meta-trained again" not in report.build_report(root, doc_dir=root, figures_dir=str(tmp_path))
 
 
 def test_report_verdict_undetermined_with_one_rater_seed(tmp_path):
