@@ -66,8 +66,10 @@ def rater_provenance(r, runs):
          "cache key (the same configuration and seed) and gave other weights than "
          + "; ".join(f"the computation of {e.get('date') or 'an earlier date (not recorded)'}"
                      + (f" ({e['machine']})" if e.get("machine") else "") + f" ({what(e)})" for e in earlier)
-         + f". The table above shows the latest ({what(r)}). Stage 1 is seeded, so the same key giving other weights points "
-           "at floating-point differences between machines (not verified). Which computation each run used:"]
+         + f". The table above shows the latest ({what(r)}). Stage 1 is seeded and bit-reproducible on one machine "
+           "(`tests/test_train_noiserater.py::test_exact_resume_after_kill_9` compares two runs bit for bit), so "
+           "other weights under the same key point at floating-point differences between machines (not verified). "
+           "Which computation each run used:"]
     groups = defaultdict(list)
     for m in ordered_methods(runs):
         if METHODS.get(m, {}).get("rater_scope") != r["scope"]:
