@@ -91,6 +91,23 @@ def rater_provenance(r, runs):
     return L + [""]
 
 
+def machines_line(runs):
+    """[] when every run records one machine (or none records any); else one line listing which runs were timed
+    on which machine (``machine``/``date`` of each run record), since s/step compares only within a machine."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for m in ordered_methods(runs):
+        for seed in sorted(runs[m]):
+            r = runs[m][seed]
+            where = f"{r['machine']}, {r.get('date')}" if r.get("machine") else "machine not recorded"
+            groups[where][m].append(str(seed))
+    if len(groups) < 2:
+        return []
+    parts = [f"{where}: " + ", ".join(f"{m} {','.join(seeds)}" for m, seeds in by_m.items())
+             for where, by_m in groups.items()]
+    return ["- **Runs were timed on different machines**, so seconds per step and wall-clock compare only within one "
+            "machine: " + "; ".join(parts) + "."]
+
+
 def label(m):
     return METHODS[m]["label"] if m in METHODS else LEGACY_LABEL.get(m, m)
 
@@ -348,6 +365,7 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, fig
              + (f" ({STAGE1_SEED_NOTE.format(seed=s1.get('seed'))})." if s1 else "."))
     if info.get("machine"):
         L.append(f"- Machine: {info['machine']}; first run {info.get('date')}.")
+    L += machines_line(runs)
     L.append(f"- Reproduce (into a fresh folder, `--results_dir DIR`; in `{rel}/` the finished runs are skipped): "
              f"`{'`; `'.join(reproduce)}`, then `python benchmarks/report.py`.\n")
 

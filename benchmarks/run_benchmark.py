@@ -409,6 +409,7 @@ class Benchmark:
         times = read_json(self.times_path) if os.path.exists(self.times_path) else {}
         result["launcher_s"] = times.get(f"{method}_seed{seed}", 0.0)
         result["eval_s"] = eval_s
+        result["machine"], result["date"] = machine_description(self.threads_per_job), time.strftime("%Y-%m-%d")
         if scope:
             result["rater"] = {"scope": scope, "key": stage1_key(self.p, scope), "weights_sha256": weights_sha256(rater)}
         write_json(self.result_path(method, seed), result)
@@ -616,8 +617,21 @@ def machine_description(threads_per_job=None):
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     threads = threads_per_job or torch.get_num_threads()
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {threads} thread(s) per training run")
+    return (f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, {gpu}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, {threads} thread(s) per training run")
+
+
+def cpu_model():
+    """The CPU's model name (Linux ``/proc/cpuinfo``, else ``platform.processor()``, else "unknown CPU"): seconds
+    per step are comparable only between runs on one CPU model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ def test_runs_record_the_rater_weights_and_a_recomputed_rater_keeps_the_earlier_
     assert rec["weights_sha256"] == sha and "earlier_computations" not in rec
     run = json.load(open(b.result_path("rater_cand", 0)))
     assert run["rater"]["weights_sha256"] == sha
+    # each run says where and when it was timed (s/step compares only within one CPU model)
+    assert rb.cpu_model() in run["machine"] and run["date"] == time.strftime("%Y-%m-%d")
     # the cache is lost and stage 1 gives other weights (another machine): the new record keeps the old one
     shutil.rmtree(b.rater_dir("candidates"))
     b2 = _bench(tmp_path, runner=FakeRunner(weights=b"other weights"), methods=["rater_cand"], seeds=[1])
@@ -684,6 +686,20 @@ def test_report_says_which_computation_of_a_recomputed_rater_each_run_used(tmp_p
     del rec["earlier_computations"]
     json.dump(rec, open(os.path.join(d, "rater_candidates.json"), "w"))
     assert "meta-trained again" not in report.build_report(root, doc_dir=root, figures_dir=str(tmp_path))
+
+
+def test_report_flags_runs_timed_on_different_machines(tmp_path):
+    root = str(tmp_path / "results")
+    d = _write_synthetic(root, "digits8", {"knn": 1.0}, [0, 1])
+    assert "timed on different machines" not in report.build_report(root, doc_dir=root, figures_dir=str(tmp_path))
+    for m, s, machine in (("knn", 1, "cpu B"), ("uniform", 1, "cpu B")):
+        path = os.path.join(d, f"run_{m}_seed{s}.json")
+        r = json.load(open(path))
+        r["machine"], r["date"] = machine, "2026-02-02"
+        json.dump(r, open(path, "w"))
+    text = report.build_report(root, doc_dir=root, figures_dir=str(tmp_path))
+    assert ("- **Runs were timed on different machines**, so seconds per step and wall-clock compare only within one "
+            "machine: machine not recorded: uniform 0, knn 0; cpu B, 2026-02-02: uniform 1, knn 1.") in text
 
 
 def test_report_verdict_undetermined_with_one_rater_seed(tmp_path):
