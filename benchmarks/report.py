@@ -47,6 +47,22 @@ def _valuation_cell(rater_info, key):
     return f"{x:+.3f}" if isinstance(x, (int, float)) and x == x else "n/a"
 
 
+def mean_s_per_step(records):
+    """Mean ``s_per_step`` of an iterable of run records (nan when none has one)."""
+    return mean_sd([r.get("s_per_step") for r in records])[0]
+
+
+def seeds_by(runs, key, methods=None):
+    """{key(record): {method: [seed, ...]}} over ``runs`` (method -> seed -> record) in method order, optionally only
+    for ``methods``: which runs share a machine, a rater computation, ..."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for m in ordered_methods(runs):
+        if methods is None or m in methods:
+            for seed in sorted(runs[m]):
+                groups[key(runs[m][seed])][m].append(str(seed))
+    return groups
+
+
 def rater_provenance(r, runs):
     """Markdown lines for a stage-1 record ``r`` (``rater_<scope>.json``) meta-trained more than once under its cache
     key with different weights (``earlier_computations``, see ``run_benchmark.rater_record``): each computation and,
@@ -70,16 +86,9 @@ def rater_provenance(r, runs):
            "(`tests/test_train_noiserater.py::test_exact_resume_after_kill_9` compares two runs bit for bit), so "
            "other weights under the same key point at floating-point differences between machines (not verified). "
            "Which computation each run used:"]
-    groups = defaultdict(list)
-    for m in ordered_methods(runs):
-        if METHODS.get(m, {}).get("rater_scope") != r["scope"]:
-            continue
-        for seed in sorted(runs[m]):
-            groups[(runs[m][seed].get("rater") or {}).get("weights_sha256")].append((m, seed))
-    for sha, ms in groups.items():
-        by_method = defaultdict(list)
-        for m, seed in ms:
-            by_method[m].append(str(seed))
+    groups = seeds_by(runs, lambda run: (run.get("rater") or {}).get("weights_sha256"),
+                      [m for m in runs if METHODS.get(m, {}).get("rater_scope") == r["scope"]])
+    for sha, by_method in groups.items():
         who = "; ".join(f"{m} seeds {','.join(seeds)}" for m, seeds in by_method.items())
         if sha is None:
             used = "not recorded (made before weight hashes were kept)"
@@ -94,12 +103,7 @@ def rater_provenance(r, runs):
 def machines_line(runs):
     """[] when every run records one machine (or none records any); else one line listing which runs were timed
     on which machine (``machine``/``date`` of each run record), since s/step compares only within a machine."""
-    groups = defaultdict(lambda: defaultdict(list))
-    for m in ordered_methods(runs):
-        for seed in sorted(runs[m]):
-            r = runs[m][seed]
-            where = f"{r['machine']}, {r.get('date')}" if r.get("machine") else "machine not recorded"
-            groups[where][m].append(str(seed))
+    groups = seeds_by(runs, lambda r: f"{r['machine']}, {r.get('date')}" if r.get("machine") else "machine not recorded")
     if len(groups) < 2:
         return []
     parts = [f"{where}: " + ", ".join(f"{m} {','.join(seeds)}" for m, seeds in by_m.items())
@@ -257,7 +261,6 @@ def reproduce_commands(name, p, runs):
     return cmds
 
 
-
 def step_cost_ratios(results_root):
     """{method: mean over CPU protocols of (method's mean s/step) / (uniform's mean s/step)}, from every protocol
     folder where both ran; the basis for estimating the cost of a run not made yet."""
@@ -267,9 +270,9 @@ def step_cost_ratios(results_root):
         runs = load_runs(os.path.join(results_root, name))
         if not runs.get("uniform"):
             continue
-        u = mean_sd([r.get("s_per_step") for r in runs["uniform"].values()])[0]
+        u = mean_s_per_step(runs["uniform"].values())
         for m, rs in runs.items():
-            v = mean_sd([r.get("s_per_step") for r in rs.values()])[0]
+            v = mean_s_per_step(rs.values())
             if m != "uniform" and finite(u) and finite(v) and u > 0:
                 ratios[m].append(v / u)
     return {m: sum(v) / len(v) for m, v in ratios.items()}
@@ -281,7 +284,7 @@ def not_measured(name, p, runs, ratios):
     ratio to uniform measured on the other protocols x the protocol's steps (training only: validation and FD
     excluded)."""
     plan = PROTOCOLS.get(name, p)  # the definition: protocol.json's copy holds the last invocation's --methods
-    u = mean_sd([r.get("s_per_step") for r in runs.get("uniform", {}).values()])[0] if runs.get("uniform") else None
+    u = mean_s_per_step(runs["uniform"].values()) if runs.get("uniform") else None
     out = []
     for m in plan.get("methods", []):
         if runs.get(m):
@@ -415,7 +418,7 @@ def protocol_section(name, d, results_root, costs, level="##", doc_dir=ROOT, fig
             f = mean_ci([final_fd(r) for r in rs.values()])
             df = mean_ci(list(paired(runs, m, "fd").values())) if m != "uniform" else None
             row += f" {fmt_ci(f[0], f[1], 2)} | {fmt_pct(*df[:2]) if df else '—'} |"
-        sps = mean_sd([r.get("s_per_step") for r in rs.values()])[0]
+        sps = mean_s_per_step(rs.values())
         L.append(row + f" {sps:.3f} |" if finite(sps) else row + " n/a |")
     L.append("\nIntervals: mean ± half-width of the 95 % Student-t interval over seeds; paired columns are "
              "100 (method - uniform) / uniform per seed, then the interval over the seeds both ran "
@@ -513,7 +516,7 @@ def reach_table(name, p, runs, methods, costs, level, fd):
         target = mean_sd([final_val_loss(r) for r in us])[0]
         reach = first_crossing(mean_curve(rs), target)
         base = first_crossing(mean_curve(us), target)
-        sps = mean_sd([r.get("s_per_step") for r in rs])[0]
+        sps = mean_s_per_step(rs)
         wall = reach * sps if reach is not None and finite(sps) else None
         amort = full = "—"
         keys = {r["rater"]["key"] for r in rs if r.get("rater")}
