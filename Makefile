@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-long bench-fmnist report install clean
+.PHONY: demo test test-fast bench bench-long bench-fmnist bench-fmnist-cosine report install clean
 
 $(STAMP): requirements.txt setup.py
 	python3 -m venv $(VENV)
@@ -44,6 +44,12 @@ bench-long: $(STAMP)
 bench-fmnist: $(STAMP)
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
 	$(PY) benchmarks/run_benchmark.py --protocol fmnist16 --jobs 2 --max_hours 2.3
+	$(PY) benchmarks/report.py
+
+# The same with cosine learning-rate decay (protocol fmnist16_cosine: a decayed final iterate for FD).
+bench-fmnist-cosine: $(STAMP)
+	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
+	$(PY) benchmarks/run_benchmark.py --protocol fmnist16_cosine --jobs 2 --max_hours 2.3
 	$(PY) benchmarks/report.py
 
 report: $(STAMP)

@@ -237,6 +237,17 @@ def test_lr_scheduler_of_a_protocol_reaches_stage2_and_is_checked():
     assert set(protocols.LR_SCHEDULERS) <= set(train_diffusion_hard.LR_SCHEDULERS)
 
 
+def test_fmnist16_cosine_differs_from_fmnist16_only_in_the_schedule():
+    """The cosine variant must change nothing but the stage-2 schedule (and its text), so that its stage-1
+    raters, FD reference and candidate pools are fmnist16's and the two protocols' differences are the schedule."""
+    base, cos = protocols.get_protocol("fmnist16"), protocols.get_protocol("fmnist16_cosine")
+    differing = {k for k in set(base) | set(cos) if base.get(k) != cos.get(k)}
+    assert differing == {"name", "description", "lr_scheduler"}
+    assert _flag(rb.stage2_command(cos, "uniform", 0, "/o", "/u.json"), "--lr_scheduler") == "cosine"
+    for scope in ("batch", "candidates"):
+        assert protocols.stage1_key(cos, scope) == protocols.stage1_key(base, scope)
+
+
 def test_transfer_stage2_unet_is_at_least_4x_the_inner_unet():
     p = protocols.PROTOCOLS["transfer"]
     big = protocols.unet_num_parameters(p["unet"], p["resolution"], p["num_channels"])
