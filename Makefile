@@ -40,16 +40,13 @@ bench-long: $(STAMP)
 	$(PY) benchmarks/run_benchmark.py --protocol digits8_long --jobs 2 --max_hours 2.3
 	$(PY) benchmarks/report.py
 
-# The same on Fashion-MNIST 16x16 (with FD).
-bench-fmnist: $(STAMP)
+# The same on Fashion-MNIST 16x16 (with FD): fmnist16, and fmnist16_cosine (cosine learning-rate decay, so that
+# FD is taken at a decayed final iterate).
+bench-fmnist: FMNIST_PROTOCOL := fmnist16
+bench-fmnist-cosine: FMNIST_PROTOCOL := fmnist16_cosine
+bench-fmnist bench-fmnist-cosine: $(STAMP)
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
-	$(PY) benchmarks/run_benchmark.py --protocol fmnist16 --jobs 2 --max_hours 2.3
-	$(PY) benchmarks/report.py
-
-# The same with cosine learning-rate decay (protocol fmnist16_cosine: a decayed final iterate for FD).
-bench-fmnist-cosine: $(STAMP)
-	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
-	$(PY) benchmarks/run_benchmark.py --protocol fmnist16_cosine --jobs 2 --max_hours 2.3
+	$(PY) benchmarks/run_benchmark.py --protocol $(FMNIST_PROTOCOL) --jobs 2 --max_hours 2.3
 	$(PY) benchmarks/report.py
 
 report: $(STAMP)
