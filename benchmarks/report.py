@@ -604,7 +604,7 @@ def verdict(summaries):
                     continue
                 kind, text = classify(r["mean_pct"], r["halfwidth_pct"], r["budget_pct"], r["n"])
                 what = "final validation loss" if metric == "val_loss" else "final FD"
-                line = f"- {label(m)}, {what} ({r['n']} seeds): {text}"
+                line = f"- {label(m)}, {what} ({r['n']} seed{'s' if r['n'] != 1 else ''}): {text}"
                 if kind == "better":
                     winners.append((s["name"], m, metric, r))
                 if r["meets_budget"] is False:
