@@ -98,6 +98,22 @@ def launcher():
             "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+# Models are built in this process by the FD evaluations of several runs at once (--jobs). diffusers'
+# ``from_pretrained`` builds a model inside context managers that patch torch globally: ``no_init_weights``
+# (torch.nn.init) and, when ``low_cpu_mem_usage`` is on (its default), accelerate's ``init_empty_weights``
+# (``nn.Module.register_parameter``). The latter restores whatever it found on entry, so two threads that enter and
+# leave it interleaved leave the patch installed for good: every later model gets meta parameters ("Cannot copy out
+# of meta tensor"), which stopped two Min-SNR runs of fmnist16_cosine that finished in the same second. Hence
+# ``low_cpu_mem_usage=False`` (no register_parameter patch) and one lock around every model construction here.
+MODEL_BUILD_LOCK = threading.Lock()
+
+
+def load_pipeline_threadsafe(pipeline_cls, path):
+    """``pipeline_cls.from_pretrained(path)`` safe to call from several threads at once (see MODEL_BUILD_LOCK)."""
+    with MODEL_BUILD_LOCK:
+        return pipeline_cls.from_pretrained(path, low_cpu_mem_usage=False)
+
+
 # ---- commands (pure) ---------------------------------------------------------------------------------------
 
 
@@ -474,7 +490,7 @@ class Benchmark:
         self._limit_torch_threads(torch)
         fd = self.p["fd"]
         ref, _ = self.fd_reference()
-        pipe = DDPMPipeline.from_pretrained(out)
+        pipe = load_pipeline_threadsafe(DDPMPipeline, out)
         res = {}
         for frac in fd["at_fractions"]:
             step = fd_step(self.p, frac)
@@ -484,7 +500,8 @@ class Benchmark:
                 ckpt = os.path.join(out, f"checkpoint-{step}", "unet.safetensors")
                 if not os.path.exists(ckpt):
                     raise RuntimeError(f"{ckpt} is missing: FD at step {step} needs that checkpoint")
-                unet = UNet2DModel.from_config(pipe.unet.config)
+                with MODEL_BUILD_LOCK:
+                    unet = UNet2DModel.from_config(pipe.unet.config)
                 load_module_state(unet, ckpt)
                 p = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
             m = evaluate_pipeline(p, ref["images"], num_samples=fd["num_generated"],

@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -797,3 +799,63 @@ def test_power_cli(tmp_path, capsys):
     for s in (1, 2):
         os.remove(os.path.join(d, f"run_uniform_seed{s}.json"))
     assert power.main([d]) == 2
+
+
+def _tiny_pipeline_dir(tmp_path):
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(str(tmp_path / "pipe"))
+    return str(tmp_path / "pipe"), {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+def test_fd_pipeline_loading_never_patches_register_parameter(tmp_path, monkeypatch):
+    """accelerate's init_empty_weights patches nn.Module.register_parameter process-wide and, entered and left
+    interleaved by two threads, leaves it patched (every later model on the meta device). The FD evaluation loads
+    pipelines from several threads, so its loader must not enter it; diffusers' default does (control)."""
+    import accelerate
+    from diffusers import DDPMPipeline
+
+    path, weights = _tiny_pipeline_dir(tmp_path)
+    calls = []
+    real = accelerate.init_empty_weights
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(accelerate, "init_empty_weights", spy)
+    DDPMPipeline.from_pretrained(path)
+    assert calls, "control: diffusers' default loading no longer enters init_empty_weights; revisit this test"
+    calls.clear()
+    pipe = rb.load_pipeline_threadsafe(DDPMPipeline, path)
+    assert calls == []
+    loaded = pipe.unet.state_dict()
+    assert not any(v.is_meta for v in loaded.values())
+    assert all(bool((loaded[k] == v).all()) for k, v in weights.items())
+
+
+def test_fd_model_construction_is_serialised_across_threads(monkeypatch):
+    """Several runs' FD evaluations (--jobs) never build models at the same time."""
+    state = {"inside": 0, "max": 0}
+    lock = threading.Lock()
+
+    class FakePipeline:
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):
+            with lock:
+                state["inside"] += 1
+                state["max"] = max(state["max"], state["inside"])
+            time.sleep(0.05)
+            with lock:
+                state["inside"] -= 1
+            return kwargs
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        out = list(pool.map(lambda i: rb.load_pipeline_threadsafe(FakePipeline, f"p{i}"), range(4)))
+    assert state["max"] == 1
+    assert out == [{"low_cpu_mem_usage": False}] * 4
