@@ -801,26 +801,16 @@ def test_power_cli(tmp_path, capsys):
     assert power.main([d]) == 2
 
 
-def _tiny_pipeline_dir(tmp_path):
-    import torch
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(str(tmp_path / "pipe"))
-    return str(tmp_path / "pipe"), {k: v.clone() for k, v in unet.state_dict().items()}
-
-
-def test_fd_pipeline_loading_never_patches_register_parameter(tmp_path, monkeypatch):
+def test_fd_pipeline_loading_never_patches_register_parameter(tiny_pipeline_path, monkeypatch):
     """accelerate's init_empty_weights patches nn.Module.register_parameter process-wide and, entered and left
     interleaved by two threads, leaves it patched (every later model on the meta device). The FD evaluation loads
     pipelines from several threads, so its loader must not enter it; diffusers' default does (control)."""
     import accelerate
     from diffusers import DDPMPipeline
+    from safetensors.torch import load_file
 
-    path, weights = _tiny_pipeline_dir(tmp_path)
+    path = tiny_pipeline_path
+    weights = load_file(os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"))
     calls = []
     real = accelerate.init_empty_weights
 

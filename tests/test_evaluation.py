@@ -284,26 +284,6 @@ def test_validation_loss_zero_model_by_hand():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline_path(tmp_path_factory):
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    path = tmp_path_factory.mktemp("tiny_ddpm")
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(str(path))
-    return str(path)
-
-
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
 def test_generate_images_deterministic(tiny_pipeline_path, scheduler):
     kw = dict(batch_size=2, num_inference_steps=2, scheduler=scheduler)
